@@ -1,0 +1,47 @@
+"""hf_efficient: fast attention, generation and RLHF for the Hugging Face stack on NVIDIA GPUs.
+
+Importing this package registers the ``"hf_efficient"`` attention implementation with transformers
+(``AttentionInterface`` and ``AttentionMaskInterface``). It never compiles anything and never initialises CUDA:
+kernels are compiled by Triton (or nvcc, for the CUDA C++ ones) the first time they run.
+"""
+
+from ._version import __version__
+from .attention.hf_integration import IMPLEMENTATION_NAME, register as _register
+
+_register()
+
+__all__ = [
+    "IMPLEMENTATION_NAME",
+    "__version__",
+    "flash_attn_func",
+    "flash_attn_varlen_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_with_kvcache",
+    "patches",
+]
+
+_LAZY = {
+    "flash_attn_func": "hf_efficient.attention.flash_api",
+    "flash_attn_varlen_func": "hf_efficient.attention.flash_api",
+    "flash_attn_qkvpacked_func": "hf_efficient.attention.flash_api",
+    "flash_attn_kvpacked_func": "hf_efficient.attention.flash_api",
+    "flash_attn_varlen_qkvpacked_func": "hf_efficient.attention.flash_api",
+    "flash_attn_varlen_kvpacked_func": "hf_efficient.attention.flash_api",
+    "flash_attn_with_kvcache": "hf_efficient.attention.kvcache_api",
+}
+
+
+def __getattr__(name):
+    """Kernel entry points import Triton lazily, so ``import hf_efficient`` stays light."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name == "patches":
+        import importlib
+
+        return importlib.import_module("hf_efficient.patches")
+    raise AttributeError(f"module 'hf_efficient' has no attribute {name!r}")
