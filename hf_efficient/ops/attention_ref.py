@@ -75,6 +75,9 @@ def _attend_one(
     """
     sq, nheads, _ = q.shape
     sk, nheads_k, _ = k.shape
+    if sk == 0:  # no keys at all: zeros (kept in the graph so gradients are defined) and lse +inf
+        out = q.new_zeros(sq, nheads, v.shape[-1]) + 0 * q.sum()
+        return out, torch.full((nheads, sq), float("inf"), dtype=q.dtype, device=q.device)
     groups = nheads // nheads_k
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)

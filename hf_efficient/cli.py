@@ -1,0 +1,157 @@
+"""The ``hf-efficient`` command line: ``env``, ``generate``, ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+
+BENCH_AREAS = ("attention", "decode", "generate")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments give one line on stderr and exit status 2."""
+
+    def error(self, message):
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="hf-efficient", description="Fast attention, generation and RLHF for transformers.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    env = sub.add_parser("env", help="versions, GPU, compilers and which kernel each op uses")
+    env.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    gen = sub.add_parser("generate", help="chat with a model (default: the embedded SmolLM2-135M-Instruct)")
+    gen.add_argument("prompt", help="the user message")
+    gen.add_argument("--model", default="smollm2", help="'smollm2', a transformers model directory, or a .gguf file")
+    gen.add_argument("--attn", default="hf_efficient", help="attn_implementation (hf_efficient, sdpa, eager, ...)")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    gen.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=_non_negative_float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    gen.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    gen.add_argument("--system", default=None, help="optional system message")
+
+    bench = sub.add_parser("bench", help="run a benchmark on the GPU and write docs/benchmarks/<gpu>/<area>.json")
+    bench.add_argument("area", choices=BENCH_AREAS)
+    bench.add_argument("--out", default="docs/benchmarks", help="output root (default: docs/benchmarks)")
+    bench.add_argument("--quick", action="store_true", help="fewer sizes (smoke run)")
+    return parser
+
+
+def _cmd_env(args) -> int:
+    from . import env
+
+    rep = env.report()
+    if args.json:
+        print(json.dumps(rep, indent=1))
+        return 0
+    print(f"hf_efficient {rep['hf_efficient']}  python {rep['python']}  ({rep['platform']})")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in rep["versions"].items() if v))
+    missing = [k for k, v in rep["versions"].items() if not v]
+    if missing:
+        print("not installed: " + ", ".join(missing))
+    gpu = rep["gpu"]
+    if gpu["available"]:
+        print(
+            f"GPU: {gpu['name']} (compute capability {gpu['compute_capability']}, {gpu['memory_gib']} GiB, "
+            f"{gpu['multiprocessors']} SMs, CUDA runtime {gpu['cuda_runtime']})"
+        )
+    else:
+        print(f"GPU: none (torch CUDA build: {rep['torch_cuda_build']})")
+    print(f"nvcc: {rep['nvcc'] or 'not found'}")
+    for op, info in rep["ops"].items():
+        print(f"op {op}: {info['impl']} -- {info['why']}")
+    from . import patches
+
+    print("patches: " + ", ".join(f"{n}{' (active)' if n in patches.active() else ''}" for n in patches.available()))
+    if rep["env_vars"]:
+        print("env: " + ", ".join(f"{k}={v}" for k, v in rep["env_vars"].items()))
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+
+    from .models import resolve_model
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("hf-efficient generate: error: --device cuda given but no CUDA GPU is available")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    path = resolve_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=args.attn).to(device).eval()
+
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.prompt}
+    ]
+    if tokenizer.chat_template:
+        inputs = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+    else:
+        inputs = tokenizer(args.prompt, return_tensors="pt")
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    torch.manual_seed(args.seed)
+    sampling = args.temperature > 0
+    gen_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=sampling)
+    if sampling:
+        gen_kwargs.update(temperature=args.temperature, top_p=args.top_p)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**inputs, streamer=streamer, pad_token_id=tokenizer.pad_token_id, **gen_kwargs)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    new_tokens = out.shape[1] - inputs["input_ids"].shape[1]
+    print(
+        f"[{new_tokens} tokens in {elapsed:.2f} s: {new_tokens / elapsed:.1f} tokens/s; "
+        f"{device}, {str(dtype).removeprefix('torch.')}, attn={args.attn}]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    module = importlib.import_module(f"hf_efficient.bench.{args.area}")
+    argv = ["--out", args.out] + (["--quick"] if args.quick else [])
+    return int(module.main(argv) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"env": _cmd_env, "generate": _cmd_generate, "bench": _cmd_bench}
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
