@@ -62,4 +62,6 @@ def applied(*names: str, **options):
     try:
         yield
     finally:
-        revert(*[n for n in names if n not in was_active])
+        for name in names:
+            if name not in was_active:
+                get(name).revert()

@@ -29,12 +29,16 @@ def _use_ours() -> bool:
 def _our_functions():
     from transformers import modeling_flash_attention_utils as fa_utils
 
-    from hf_efficient.attention import flash_api, kvcache_api
+    from hf_efficient.attention import flash_api
 
+    try:
+        from hf_efficient.attention.kvcache_api import flash_attn_with_kvcache
+    except ImportError:  # transformers accepts None: continuous batching then uses the varlen path
+        flash_attn_with_kvcache = None
     return (
         flash_api.flash_attn_func,
         flash_api.flash_attn_varlen_func,
-        kvcache_api.flash_attn_with_kvcache,
+        flash_attn_with_kvcache,
         fa_utils._pad_input,
         fa_utils._unpad_input,
     )
