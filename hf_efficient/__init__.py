@@ -21,6 +21,8 @@ __all__ = [
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_with_kvcache",
     "patches",
+    "PagedCache",
+    "CacheFullError",
 ]
 
 _LAZY = {
@@ -31,6 +33,8 @@ _LAZY = {
     "flash_attn_varlen_qkvpacked_func": "hf_efficient.attention.flash_api",
     "flash_attn_varlen_kvpacked_func": "hf_efficient.attention.flash_api",
     "flash_attn_with_kvcache": "hf_efficient.attention.kvcache_api",
+    "PagedCache": "hf_efficient.cache.paged",
+    "CacheFullError": "hf_efficient.cache.allocator",
 }
 
 

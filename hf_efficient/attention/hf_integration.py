@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..cache.paged import consume_pending
 from ..ops.attention_ref import attention_ref, attention_varlen_ref
 
 logger = logging.getLogger(__name__)
@@ -253,6 +254,13 @@ def attention_forward(
     if s_aux is not None:
         raise ValueError(
             "attn_implementation='hf_efficient' does not support attention sinks (s_aux); use 'eager'"
+        )
+    paged_layer = consume_pending(key)
+    if paged_layer is not None:
+        from .paged_hf import paged_attention_forward
+
+        return paged_attention_forward(
+            module, paged_layer, query, key, value, attention_mask, scaling, sliding_window, softcap, dropout, kwargs
         )
     cache = kwargs.get("cache")
     if cache is not None and type(cache).__name__ == "PagedAttentionCache":
