@@ -8,7 +8,7 @@ import json
 import sys
 import time
 
-BENCH_AREAS = ("attention", "decode", "generate")
+BENCH_AREAS = ("attention", "decode", "generate", "memory")
 
 
 class _Parser(argparse.ArgumentParser):
