@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+from . import fast_generate as _fast_generate  # noqa: F401  (registers itself)
 from . import flash_attention_2 as _flash_attention_2  # noqa: F401  (registers itself)
 from .core import REGISTRY, Patch, PatchSet, get, register
 

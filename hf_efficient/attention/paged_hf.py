@@ -44,7 +44,7 @@ def paged_attention_forward(
     cache = layer._cache
     batch, heads, q_len, dim = query.shape
     q_mask = attention_mask[:, -q_len:] if attention_mask is not None else None
-    if layer.layer_idx == 0 or cache.plan is None:
+    if not getattr(cache, "external_plan", False) and (layer.layer_idx == 0 or cache.plan is None):
         plan = cache.plan_step(q_len, q_mask if q_mask is not None else _all(batch, q_len, query.device), query.device)
     else:
         plan = cache.plan
@@ -82,6 +82,8 @@ def paged_attention_forward(
     decode = _decode_op()
     if (
         decode is not None
+        and q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
         and plan.q_idx is None
         and q_len <= MAX_DECODE_QUERIES
         and all(n == q_len for n in plan.n_new)

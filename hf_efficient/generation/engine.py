@@ -1,0 +1,538 @@
+"""The decode engine: continuous batching over a PagedCache, decode steps replayed from CUDA graphs.
+
+One engine serves one model. Requests get a *slot* (a row of the static decode batch); slots are kept compact
+(``0 .. active-1``) so a decode step runs the smallest captured batch bucket that covers them. Per step:
+
+* host: make sure every active slot has a block for its next token (allocate at block boundaries, copy a shared
+  partial block before writing into it), write the few changed block-table entries;
+* device (one CUDA-graph replay): compute write slots, run the model's forward for one token per slot (attention
+  through ``"hf_efficient"``, which writes K/V into the pages and runs the paged decode kernel), sample on the GPU,
+  record the token and its logprob in a history buffer;
+* every ``sync_every`` steps the host reads the history once, finishes requests (eos, stop ids/strings, max tokens),
+  compacts the slots and admits waiting requests (prefill runs eagerly, packed variable-length).
+
+The engine uses the model's live parameters: captured graphs read the parameter tensors in place, so an optimizer
+step (in-place updates, as torch optimizers do) is seen by the next generation. Replacing parameter tensors (e.g.
+``load_state_dict(assign=True)``) needs :meth:`DecodeEngine.reset_graphs`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ..cache.allocator import CacheFullError
+from ..cache.paged import PagedCache, StepPlan
+from .sampling import BatchSampler, SamplingParams, StopStringMatcher
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Request:
+    """One generation request (one sample; ``n`` samples of a prompt are ``n`` requests sharing a group)."""
+
+    rid: int
+    prompt: list[int]
+    params: SamplingParams
+    group: int = -1  # requests of one prompt share its prompt blocks
+    output: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    slot: int = -1
+    blocks: list[int] = field(default_factory=list)
+    stored: int = 0  # tokens whose K/V are in the cache
+    preemptions: int = 0
+    seed_offset: int = 0
+    sample_index: int = -1
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def context(self) -> list[int]:
+        """Tokens to prefill: the prompt, plus the output so far for a preempted request."""
+        return self.prompt + self.output
+
+
+@dataclass
+class EngineStats:
+    prefill_tokens: int = 0
+    decode_steps: int = 0
+    generated_tokens: int = 0
+    preemptions: int = 0
+    graph_capture_s: float = 0.0
+    graph_buckets: list[int] = field(default_factory=list)
+    eager_reason: str | None = None
+
+
+def _model_dims(model) -> tuple[int, int, int]:
+    cfg = model.config.get_text_config(decoder=True)
+    heads = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return cfg.num_hidden_layers, kv, dim
+
+
+class DecodeEngine:
+    """Continuous-batching generation on a paged cache with CUDA-graph decode steps.
+
+    Args:
+        model: a transformers causal LM whose attention dispatches through ``AttentionInterface`` (Llama, Mistral,
+            Qwen2/3, Gemma2, ...); it is switched to ``attn_implementation="hf_efficient"`` while the engine runs.
+        max_batch: most sequences decoded together (static batch of the captured graphs).
+        max_tokens: KV-cache capacity in tokens (default: on CUDA 40% of free memory, on CPU 64k tokens).
+        block_size: tokens per cache block.
+        cuda_graphs: capture decode steps (default: when the model is on CUDA).
+        sync_every: decode steps between host reads of the generated tokens.
+        prefill_tokens: most prompt tokens prefilled in one forward.
+    """
+
+    def __init__(
+        self,
+        model,
+        max_batch: int = 64,
+        max_tokens: int | None = None,
+        block_size: int = 16,
+        cuda_graphs: bool | None = None,
+        sync_every: int = 8,
+        prefill_tokens: int = 16384,
+    ):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if sync_every < 1:
+            raise ValueError(f"sync_every must be >= 1, got {sync_every}")
+        self.model = model
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.max_batch, self.block_size, self.sync_every = max_batch, block_size, sync_every
+        self.prefill_tokens = prefill_tokens
+        layers, kv_heads, head_dim = _model_dims(model)
+        self.vocab = model.get_output_embeddings().weight.shape[0]
+        token_bytes = layers * 2 * kv_heads * head_dim * param.element_size()
+        if max_tokens is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                max_tokens = int(0.4 * free / token_bytes)
+            else:
+                max_tokens = 65536
+        num_blocks = math.ceil(max_tokens / block_size) + 1  # +1: scratch block for idle slots
+        self.cache = PagedCache(model.config, num_blocks=num_blocks, block_size=block_size)
+        dummy = torch.empty(1, kv_heads, 1, head_dim, dtype=self.dtype, device=self.device)
+        for layer in self.cache.layers:
+            layer.lazy_initialization(dummy, dummy)
+        # Idle slots of a batch bucket write to and read from a zeroed scratch block (finite garbage, never NaN).
+        (self.scratch,) = self.cache.allocator.allocate(1)
+        for layer in self.cache.layers:
+            layer.k_pool[self.scratch].zero_()
+            layer.v_pool[self.scratch].zero_()
+        self.cache.external_plan = True
+        self.max_blocks = math.ceil(max_tokens / block_size) + 1
+
+        dev, mb = self.device, max_batch
+        self.tokens = torch.zeros(mb, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(mb, dtype=torch.long, device=dev)
+        self.seqlens_after = torch.zeros(mb, dtype=torch.int32, device=dev)
+        self.write_slots = torch.zeros(mb, dtype=torch.long, device=dev)
+        self.block_table = torch.full((mb, self.max_blocks), self.scratch, dtype=torch.int32, device=dev)
+        self.history = torch.zeros(mb, sync_every, dtype=torch.long, device=dev)
+        self.history_lp = torch.zeros(mb, sync_every, dtype=torch.float32, device=dev)
+        self.hist_idx = torch.zeros(1, 1, dtype=torch.long, device=dev)
+        self.active = torch.zeros(mb, dtype=torch.long, device=dev)  # 1 for slots holding a request
+        self._hist_count = 0  # decode steps recorded in `history` since the last sync (host mirror of hist_idx)
+        self.sampler = BatchSampler(mb, self.vocab, dev)
+
+        self.stats = EngineStats()
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError("cuda_graphs=True needs the model on a CUDA device")
+        self.cuda_graphs = cuda_graphs
+        if not cuda_graphs:
+            self.stats.eager_reason = "model is not on CUDA" if self.device.type != "cuda" else "disabled"
+        self.buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b < max_batch] + [max_batch]
+        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self._plans = {b: self._static_plan(b) for b in self.buckets}
+        self._active: list[Request] = []  # slot i holds _active[i]
+        self._next_rid = 0
+
+    # ------------------------------------------------------------------ public API
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], progress=None):
+        """Generate for every prompt; returns one list of :class:`Request` (``n`` per prompt) per prompt."""
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(params)} SamplingParams")
+        waiting: deque[list[Request]] = deque()
+        groups: list[list[Request]] = []
+        for g, (prompt, p) in enumerate(zip(prompts, params)):
+            self._check_prompt(prompt, p)
+            reqs = []
+            for _ in range(p.n):
+                reqs.append(Request(self._next_rid, list(prompt), p, group=g))
+                self._next_rid += 1
+            groups.append(reqs)
+            waiting.append(reqs)
+        with _attention(self.model):
+            self._run(waiting, progress)
+        return groups
+
+    def reset_graphs(self) -> None:
+        """Drop captured graphs (after parameters were replaced rather than updated in place)."""
+        self._graphs.clear()
+
+    # ------------------------------------------------------------------ checks
+
+    def _check_prompt(self, prompt, p: SamplingParams) -> None:
+        if not prompt:
+            raise ValueError("every prompt needs at least one token")
+        if any((not isinstance(t, int)) or t < 0 or t >= self.vocab for t in prompt):
+            raise ValueError(f"prompt token ids must be ints in [0, {self.vocab})")
+        need = math.ceil((len(prompt) + p.max_tokens) / self.block_size)
+        if need > self.max_blocks - 1:
+            raise ValueError(
+                f"a prompt of {len(prompt)} tokens plus max_tokens={p.max_tokens} needs {need} cache blocks, but "
+                f"the engine's cache holds {self.max_blocks - 1}; raise max_tokens of the engine"
+            )
+        if p.n > self.max_batch:
+            raise ValueError(f"n={p.n} samples exceed the engine's max_batch={self.max_batch}")
+
+    # ------------------------------------------------------------------ main loop
+
+    def _run(self, waiting: deque, progress) -> None:
+        while waiting or self._active:
+            self._admit(waiting)
+            finished = self._sync()  # requests finished by their first token
+            if progress is not None and finished:
+                progress.update(finished)
+            if not self._active:
+                if waiting:
+                    raise CacheFullError(
+                        math.ceil(len(waiting[0][0].context) / self.block_size), self.cache.allocator.num_free,
+                        self.block_size, "a waiting request does not fit even in an empty cache",
+                    )
+                break
+            steps = self._steps_until_sync()
+            for _ in range(steps):
+                self._decode_step(waiting)
+            finished = self._sync()
+            if progress is not None and finished:
+                progress.update(finished)
+
+    def _steps_until_sync(self) -> int:
+        left = min(r.params.max_tokens - len(r.output) for r in self._active)
+        return max(1, min(self.sync_every, left))
+
+    # ------------------------------------------------------------------ admission / prefill
+
+    def _admit(self, waiting: deque) -> None:
+        batch: list[list[Request]] = []
+        tokens = 0
+        free_slots = self.max_batch - len(self._active)
+        free_blocks = self.cache.allocator.num_free
+        while waiting:
+            group = waiting[0]
+            n_tok = len(group[0].context)
+            need_blocks = math.ceil((n_tok + 1) / self.block_size) + len(group)  # prompt once + a block per sample
+            if len(group) > free_slots or need_blocks > free_blocks:
+                break
+            if batch and tokens + n_tok > self.prefill_tokens:
+                break
+            waiting.popleft()
+            batch.append(group)
+            tokens += n_tok
+            free_slots -= len(group)
+            free_blocks -= need_blocks
+        if batch:
+            self._prefill(batch)
+
+    def _prefill(self, groups: list[list[Request]]) -> None:
+        """Packed prefill of the groups' prompts (each stored once), then fork samples into slots."""
+        bs = self.block_size
+        ids, pos, slots, last = [], [], [], []
+        for group in groups:
+            prompt = group[0].context
+            blocks = self.cache.allocator.allocate(math.ceil(len(prompt) / bs))
+            p = torch.arange(len(prompt))
+            slots.append(torch.tensor(blocks)[p // bs] * bs + p % bs)
+            ids.extend(prompt)
+            pos.append(p)
+            last.append(len(ids) - 1)
+            for i, req in enumerate(group):
+                if i:
+                    self.cache.allocator.incref(blocks)
+                req.blocks, req.stored = list(blocks), len(prompt)
+        dev = self.device
+        plan = StepPlan(
+            q_len=len(ids), lens_before=[0], n_new=[len(ids)], q_idx=None,
+            write_slots=torch.cat(slots).to(dev),
+            block_table=self.block_table[:1], cache_seqlens=self.seqlens_after[:1],
+        )
+        self.cache.plan = plan
+        out = self.model(
+            input_ids=torch.tensor([ids], device=dev),
+            position_ids=torch.cat(pos)[None].to(dev),
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=torch.tensor(last, device=dev),
+        )
+        logits = out.logits[0].float()  # (groups, vocab)
+        self.stats.prefill_tokens += len(ids)
+        # Assign slots and draw each sample's first token.
+        rows, new_slots = [], []
+        for g, group in enumerate(groups):
+            for i, req in enumerate(group):
+                req.slot = len(self._active)
+                self._active.append(req)
+                req.sample_index = i if req.sample_index < 0 else req.sample_index
+                self.sampler.set_slot(
+                    req.slot, req.params, req.context, sample_index=req.sample_index, seed_offset=req.seed_offset
+                )
+                rows.append(g)
+                new_slots.append(req.slot)
+        slot_t = torch.tensor(new_slots, device=dev)
+        tok, lp = self.sampler.sample(logits[torch.tensor(rows, device=dev)], slots=slot_t, logprobs="raw")
+        tok_host, lp_host = tok.tolist(), lp.tolist()
+        for req, t, p in zip([r for grp in groups for r in grp], tok_host, lp_host):
+            req.output.append(t)
+            req.logprobs.append(p)
+            self._check_finished(req)
+            self._load_slot(req)
+        self.stats.generated_tokens += len(tok_host)
+
+    def _load_slot(self, req: Request) -> None:
+        """Write a request's device state (next input token, position, block table row) into its slot."""
+        s = req.slot
+        self.tokens[s] = req.output[-1] if req.output else req.prompt[-1]
+        self.positions[s] = req.stored
+        self.active[s] = 1
+        row = torch.full((self.max_blocks,), self.scratch, dtype=torch.int32)
+        row[: len(req.blocks)] = torch.tensor(req.blocks, dtype=torch.int32)
+        self.block_table[s].copy_(row.to(self.device))
+
+    # ------------------------------------------------------------------ decode
+
+    def _bucket(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    def _static_plan(self, b: int) -> StepPlan:
+        return StepPlan(
+            q_len=1, lens_before=[1] * b, n_new=[1] * b, q_idx=None,
+            write_slots=self.write_slots[:b], block_table=self.block_table[:b], cache_seqlens=self.seqlens_after[:b],
+        )
+
+    def _reserve(self, waiting: deque) -> None:
+        """Host side of a step: room for every active slot's next token (allocate, copy-on-write).
+
+        When the free blocks do not cover the step, the newest requests are preempted (requeued) first.
+        """
+        bs, alloc = self.block_size, self.cache.allocator
+        while True:
+            need, refs = 0, {}
+            for req in self._active:
+                if req.stored % bs == 0:
+                    need += 1
+                else:
+                    blk = req.blocks[req.stored // bs]
+                    refs.setdefault(blk, alloc.refcount(blk))
+                    if refs[blk] > 1:
+                        need += 1
+                        refs[blk] -= 1
+            if need <= alloc.num_free:
+                break
+            self._preempt(waiting)
+        updates = []
+        for req in self._active:
+            col = req.stored // bs
+            if req.stored % bs == 0:
+                (blk,) = alloc.allocate(1)
+                req.blocks.append(blk)
+                updates.append((req.slot, col, blk))
+            elif alloc.refcount(req.blocks[col]) > 1:
+                (blk,) = alloc.allocate(1)
+                old = req.blocks[col]
+                for layer in self.cache.layers:
+                    layer.k_pool[blk].copy_(layer.k_pool[old])
+                    layer.v_pool[blk].copy_(layer.v_pool[old])
+                alloc.release([old])
+                req.blocks[col] = blk
+                updates.append((req.slot, col, blk))
+            req.stored += 1
+        if updates:
+            s, c, b = (torch.tensor(x) for x in zip(*updates))
+            self.block_table[s.to(self.device), c.to(self.device)] = b.to(torch.int32).to(self.device)
+
+    def _preempt(self, waiting: deque) -> None:
+        """Out of blocks: push the newest request back to the queue (its tokens so far become its prompt)."""
+        self._sync()
+        if len(self._active) <= 1:
+            raise CacheFullError(1, self.cache.allocator.num_free, self.block_size,
+                                 "a single request does not fit in the cache")
+        victim = self._active[-1]
+        self._retire(victim)
+        victim.seed_offset = len(victim.output)  # its sampler stream continues where it stopped
+        victim.preemptions += 1
+        self.stats.preemptions += 1
+        waiting.appendleft([victim])
+
+    def _decode_step(self, waiting: deque) -> None:
+        self._reserve(waiting)
+        n = len(self._active)
+        b = self._bucket(n)
+        flags = self.sampler.static_flags(b)
+        key = (b, flags["greedy_only"], flags["skip_penalty"])
+        if self.cuda_graphs:
+            graph = self._graphs.get(key) or self._capture(key)
+            graph.replay()
+        else:
+            self._eager_step(key)
+        self._hist_count += 1
+        self.stats.decode_steps += 1
+
+    def _eager_step(self, key) -> None:
+        b = key[0]
+        plan = self._static_plan(b)
+        # The eager (CPU) attention path gathers by host bookkeeping: give it this step's sequences.
+        self.cache.seq_blocks = [r.blocks for r in self._active] + [[self.scratch]] * (b - len(self._active))
+        self.cache.seq_lens = [r.stored for r in self._active] + [1] * (b - len(self._active))
+        self._body(key, plan)
+
+    def _body(self, key, plan: StepPlan) -> None:
+        b, greedy_only, skip_penalty = key
+        bs = self.block_size
+        pos = self.positions[:b]
+        self.seqlens_after[:b].copy_(pos + 1)
+        blk = self.block_table[:b].gather(1, (pos // bs)[:, None]).squeeze(1).long()
+        self.write_slots[:b].copy_(blk * bs + pos % bs)
+        self.cache.plan = plan
+        out = self.model(
+            input_ids=self.tokens[:b, None], position_ids=pos[:, None], past_key_values=self.cache,
+            use_cache=True, logits_to_keep=1,
+        )
+        tok, lp = self.sampler.sample(
+            out.logits[:, -1], slots=None, greedy_only=greedy_only, skip_penalty=skip_penalty, logprobs="raw"
+        )
+        self.tokens[:b].copy_(tok)
+        self.positions[:b] += self.active[:b]
+        self.history[:b].scatter_(1, self.hist_idx.expand(b, 1), tok[:, None])
+        self.history_lp[:b].scatter_(1, self.hist_idx.expand(b, 1), lp[:, None].float())
+        self.hist_idx += 1
+
+    def _capture(self, key) -> torch.cuda.CUDAGraph:
+        start = time.perf_counter()
+        b = key[0]
+        plan = self._plans[b]
+        saved = self._save_state(b)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up (Triton autotune, JIT builds) outside the graph
+                self._body(key, plan)
+                self._restore_state(b, saved)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._body(key, plan)
+        self._restore_state(b, saved)
+        self._graphs[key] = graph
+        self.stats.graph_capture_s += time.perf_counter() - start
+        self.stats.graph_buckets.append(key)
+        return graph
+
+    def _save_state(self, b: int):
+        return (self.tokens[:b].clone(), self.positions[:b].clone(), self.hist_idx.clone(), self.sampler.save_state())
+
+    def _restore_state(self, b: int, saved) -> None:
+        tokens, positions, hist, sampler_state = saved
+        self.tokens[:b].copy_(tokens)
+        self.positions[:b].copy_(positions)
+        self.hist_idx.copy_(hist)
+        self.sampler.restore_state(sampler_state)
+
+    # ------------------------------------------------------------------ sync / finish
+
+    def _sync(self) -> int:
+        """Read the tokens recorded since the last sync, finish requests, compact slots. Returns #finished."""
+        n, steps = len(self._active), self._hist_count
+        if steps and n:
+            toks = self.history[:n, :steps].tolist()
+            lps = self.history_lp[:n, :steps].tolist()
+            for req, t_row, l_row in zip(self._active, toks, lps):
+                for t, p in zip(t_row, l_row):
+                    if req.finished:
+                        break
+                    req.output.append(t)
+                    req.logprobs.append(p)
+                    self.stats.generated_tokens += 1
+                    self._check_finished(req)
+        if steps:
+            self.hist_idx.zero_()
+            self._hist_count = 0
+        done = [r for r in self._active if r.finished]
+        for req in done:
+            self._retire(req)
+        return len(done)
+
+    def _check_finished(self, req: Request) -> None:
+        p = req.params
+        last = req.output[-1]
+        if not p.ignore_eos and last in p.stop_token_ids:
+            req.finish_reason = "stop"
+        elif p.stop and (cut := self._stop_matcher(p).check(req.output)) is not None:
+            del req.output[cut:], req.logprobs[cut:]
+            req.finish_reason = "stop"
+        elif len(req.output) >= p.max_tokens:
+            req.finish_reason = "length"
+
+    def _stop_matcher(self, p: SamplingParams):
+        key = tuple(p.stop)
+        cache = self.__dict__.setdefault("_matchers", {})
+        if key not in cache:
+            if self.tokenizer is None:
+                raise ValueError("stop strings need the engine to know the tokenizer (DecodeEngine.tokenizer)")
+            cache[key] = StopStringMatcher(self.tokenizer, list(p.stop))
+        return cache[key]
+
+    tokenizer = None
+
+    def _retire(self, req: Request) -> None:
+        """Free a request's blocks and move the last active slot into its place."""
+        self.cache.allocator.release(req.blocks)
+        req.blocks = []
+        i, last = req.slot, len(self._active) - 1
+        if i != last:
+            moved = self._active[last]
+            self._active[i] = moved
+            moved.slot = i
+            for buf in (self.tokens, self.positions, self.block_table, self.history, self.history_lp, self.active):
+                buf[i].copy_(buf[last])
+            self.sampler.move_slot(last, i)
+        self.sampler.clear_slot(last)
+        self._active.pop()
+        self.block_table[last].fill_(self.scratch)
+        self.positions[last] = 0
+        self.active[last] = 0
+        req.slot = -1
+
+
+class _attention:
+    """Run the model with attn_implementation="hf_efficient" for the engine's duration."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.previous = self.model.config._attn_implementation
+        if self.previous != "hf_efficient":
+            self.model.set_attn_implementation("hf_efficient")
+
+    def __exit__(self, *exc):
+        if self.previous != "hf_efficient":
+            self.model.set_attn_implementation(self.previous)
