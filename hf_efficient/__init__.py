@@ -23,6 +23,10 @@ __all__ = [
     "patches",
     "PagedCache",
     "CacheFullError",
+    "LLM",
+    "SamplingParams",
+    "DecodeEngine",
+    "engine_generate",
 ]
 
 _LAZY = {
@@ -34,6 +38,10 @@ _LAZY = {
     "flash_attn_varlen_kvpacked_func": "hf_efficient.attention.flash_api",
     "flash_attn_with_kvcache": "hf_efficient.attention.kvcache_api",
     "PagedCache": "hf_efficient.cache.paged",
+    "LLM": "hf_efficient.generation.llm",
+    "SamplingParams": "hf_efficient.generation.sampling",
+    "DecodeEngine": "hf_efficient.generation.engine",
+    "engine_generate": "hf_efficient.generation.hf_generate",
     "CacheFullError": "hf_efficient.cache.allocator",
 }
 

@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     gen.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     gen.add_argument("--system", default=None, help="optional system message")
+    gen.add_argument(
+        "--engine", default="auto", choices=["auto", "on", "off"],
+        help="hf_efficient's decode engine (auto: on CUDA) or transformers' generate",
+    )
 
     bench = sub.add_parser("bench", help="run a benchmark on the GPU and write docs/benchmarks/<gpu>/<area>.json")
     bench.add_argument("area", choices=BENCH_AREAS)
@@ -125,20 +129,48 @@ def _cmd_generate(args) -> int:
     gen_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=sampling)
     if sampling:
         gen_kwargs.update(temperature=args.temperature, top_p=args.top_p)
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     start = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(**inputs, streamer=streamer, pad_token_id=tokenizer.pad_token_id, **gen_kwargs)
+    if args.engine == "on" or (args.engine == "auto" and device.startswith("cuda")):
+        new_tokens = _generate_engine(model, tokenizer, inputs["input_ids"][0].tolist(), args)
+    else:
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        with torch.inference_mode():
+            out = model.generate(**inputs, streamer=streamer, pad_token_id=tokenizer.pad_token_id, **gen_kwargs)
+        new_tokens = out.shape[1] - inputs["input_ids"].shape[1]
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    new_tokens = out.shape[1] - inputs["input_ids"].shape[1]
     print(
         f"[{new_tokens} tokens in {elapsed:.2f} s: {new_tokens / elapsed:.1f} tokens/s; "
-        f"{device}, {str(dtype).removeprefix('torch.')}, attn={args.attn}]",
+        f"{device}, {str(dtype).removeprefix('torch.')}, attn={args.attn}, "
+        f"{'engine' if args.engine == 'on' or (args.engine == 'auto' and device.startswith('cuda')) else 'transformers generate'}]",
         file=sys.stderr,
     )
     return 0
+
+
+def _generate_engine(model, tokenizer, prompt_ids: list[int], args) -> int:
+    """Generate with hf_efficient's engine, streaming text at every host sync. Returns the new token count."""
+    from .generation.llm import LLM
+    from .generation.sampling import SamplingParams
+
+    llm = LLM(model, tokenizer, max_batch=1, max_tokens=len(prompt_ids) + args.max_new_tokens + 64, sync_every=4)
+    shown = [""]
+
+    def stream(requests):
+        text = tokenizer.decode(requests[0].output, skip_special_tokens=True)
+        sys.stdout.write(text[len(shown[0]):])
+        sys.stdout.flush()
+        shown[0] = text
+
+    params = SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_new_tokens, seed=args.seed,
+        stop_token_ids=llm._eos_ids(),
+    )
+    (group,) = llm.engine.generate([prompt_ids], params, on_update=stream)
+    text = tokenizer.decode(group[0].output, skip_special_tokens=True)
+    sys.stdout.write(text[len(shown[0]):] + "\n")
+    return len(group[0].output)
 
 
 def _cmd_bench(args) -> int:

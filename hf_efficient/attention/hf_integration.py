@@ -96,15 +96,20 @@ class _Memo:
         self.size = size
         self.entries: list[tuple] = []
 
+    @staticmethod
+    def _version(tensor: torch.Tensor) -> int:
+        # Inference tensors keep no version counter; within one forward they are not modified in place.
+        return -1 if tensor.is_inference() else tensor._version
+
     def get(self, tensor: torch.Tensor, extra):
         for ref, key, value in self.entries:
-            if ref() is tensor and key == (tensor._version, extra):
+            if ref() is tensor and key == (self._version(tensor), extra):
                 return value
         return None
 
     def put(self, tensor: torch.Tensor, extra, value):
         self.entries = [e for e in self.entries if e[0]() is not None][-(self.size - 1) :]
-        self.entries.append((weakref.ref(tensor), (tensor._version, extra), value))
+        self.entries.append((weakref.ref(tensor), (self._version(tensor), extra), value))
         return value
 
 

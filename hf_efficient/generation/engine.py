@@ -164,8 +164,14 @@ class DecodeEngine:
 
     # ------------------------------------------------------------------ public API
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], progress=None):
-        """Generate for every prompt; returns one list of :class:`Request` (``n`` per prompt) per prompt."""
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], progress=None, on_update=None
+    ):
+        """Generate for every prompt; returns one list of :class:`Request` (``n`` per prompt) per prompt.
+
+        ``progress``: a tqdm-like object updated with finished requests. ``on_update(requests)``: called after every
+        host sync with the requests that received tokens (for streaming).
+        """
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
@@ -180,9 +186,15 @@ class DecodeEngine:
                 self._next_rid += 1
             groups.append(reqs)
             waiting.append(reqs)
-        with _attention(self.model):
-            self._run(waiting, progress)
+        self._on_update = on_update
+        try:
+            with _attention(self.model):
+                self._run(waiting, progress)
+        finally:
+            self._on_update = None
         return groups
+
+    _on_update = None
 
     def reset_graphs(self) -> None:
         """Drop captured graphs (after parameters were replaced rather than updated in place)."""
@@ -475,6 +487,8 @@ class DecodeEngine:
         if steps:
             self.hist_idx.zero_()
             self._hist_count = 0
+            if self._on_update is not None and n:
+                self._on_update(list(self._active))
         done = [r for r in self._active if r.finished]
         for req in done:
             self._retire(req)

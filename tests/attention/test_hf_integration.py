@@ -123,3 +123,15 @@ def test_static_cache_generation_matches_dynamic():
     a = ours.generate(ids, **kwargs)
     b = ours.generate(ids, cache_implementation="static", **kwargs)
     assert torch.equal(a, b)
+
+
+def test_inference_mode_padded_and_packed():
+    ref, ours = _pair("llama")
+    ids, mask = _batch(ref.config.vocab_size, LENGTHS, left_pad=True)
+    with torch.inference_mode():
+        a = ref(input_ids=ids, attention_mask=mask).logits
+        b = ours(input_ids=ids, attention_mask=mask).logits
+        packed = ours(input_ids=ids[:1, -LENGTHS[0]:], position_ids=torch.arange(LENGTHS[0])[None]).logits
+    keep = mask.bool()
+    assert _rel(b[keep], a[keep]) < 1e-4
+    assert torch.isfinite(packed).all()

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# GPU machine: install the tree, record the environment, run every GPU-marked test and the generation benchmark.
+#
+#   scripts/gpu_all.sh OUT_DIR [pytest paths...]
+#
+# Needs the real test model: HF_EFFICIENT_SMOLLM2_GGUF pointing at the GGUF (the machine has no network).
+set -uo pipefail
+OUT=$(mkdir -p "${1:?usage: scripts/gpu_all.sh OUT_DIR}" && cd "$1" && pwd)
+shift
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_EFFICIENT_OFFLINE=1
+PY=${PYTHON:-python3}
+$PY -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -n 2
+hf-efficient env 2>&1 | tee "$OUT/env.txt"
+TESTS=${*:-tests/attention tests/cache tests/generation tests/models}
+timeout 300 $PY -m pytest -m gpu $TESTS -q -p no:cacheprovider -rfEs -s 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 60
+TEST_RC=${PIPESTATUS[0]}
+timeout 280 hf-efficient bench generate --out "$OUT/bench" 2>&1 | tee "$OUT/bench_generate.log" | tail -n 20
+BENCH_RC=${PIPESTATUS[0]}
+echo "== summary: gpu tests rc=$TEST_RC bench generate rc=$BENCH_RC"
+grep -E "passed|failed" "$OUT/gpu_tests.log" | tail -n 2
