@@ -20,10 +20,18 @@ the real model (they run in CI, which selects ``-m "not gpu"``).
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
 
-from hf_efficient.models import (
+# Without a CUDA device, Triton kernels run through Triton's CPU interpreter, which must be chosen before anything
+# imports triton: here, before the first test module is collected.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from hf_efficient.models import (  # noqa: E402
     TINY_FAMILIES,
     load_smollm2,
     load_smollm2_tokenizer,
