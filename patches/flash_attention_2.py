@@ -46,7 +46,9 @@ def _our_functions():
 
 def _wrap_lazy_imports(original):
     def _lazy_imports(implementation, *args, **kwargs):
-        if implementation == "flash_attention_2" and _use_ours():
+        # continuous batching asks for "paged|flash_attention_2" on some transformers versions
+        plain = implementation.removeprefix("paged|") if isinstance(implementation, str) else implementation
+        if plain == "flash_attention_2" and _use_ours():
             return _our_functions()
         return original(implementation, *args, **kwargs)
 

@@ -34,29 +34,53 @@ def test_graph_replay_is_bitwise_identical_to_eager(smollm2_bf16, temperature):
         assert a.logprobs == b.logprobs
 
 
-def test_greedy_agrees_with_transformers_generate(smollm2_bf16):
+def _chat(tokenizer, texts):
+    return [
+        list(tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                           tokenize=True, return_dict=True)["input_ids"])
+        for t in texts
+    ]
+
+
+CHATS = ["What is the capital of France?", "Write a short poem about the sea.", "List three prime numbers."]
+
+
+def _teacher_forced_logprobs(model, prompt, tokens, attn):
+    """log p(tokens[i] | prompt + tokens[:i]) under transformers with attention ``attn`` (bf16)."""
+    model.set_attn_implementation(attn)
+    ids = torch.tensor([prompt + tokens], device="cuda")
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
+    lp = torch.log_softmax(logits, -1).gather(1, torch.tensor(tokens, device="cuda")[:, None]).squeeze(1)
+    return lp.cpu()
+
+
+def test_greedy_logprobs_within_bf16_noise_of_transformers(smollm2_bf16, smollm2_tokenizer):
+    """Each chosen token's logprob vs transformers (sdpa), within 2x the sdpa-vs-eager difference (the bf16 noise
+    floor measured on the same tokens); the first greedy divergence from transformers' generate is reported."""
     model = smollm2_bf16
-    prompts = _prompts([33, 12, 90], model.config.vocab_size, seed=1)
+    prompts = _chat(smollm2_tokenizer, CHATS)
     new = 64
     groups = DecodeEngine(model, max_batch=4, max_tokens=4096).generate(
         prompts, SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
     )
     report = []
-    for prompt, (req,) in zip(prompts, groups):
-        ids = torch.tensor([prompt], device="cuda")
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                             do_sample=False, pad_token_id=2, output_scores=True, output_logits=True,
-                             return_dict_in_generate=True)
-        hf = out.sequences[0, len(prompt):].tolist()
-        diverge = next((i for i, (x, y) in enumerate(zip(hf, req.output)) if x != y), None)
-        # HF's logprob of our chosen tokens, up to the first divergence
-        upto = diverge if diverge is not None else new
-        hf_lp = [torch.log_softmax(out.logits[i][0].float(), -1)[req.output[i]].item() for i in range(upto)]
-        err = max((abs(a - b) for a, b in zip(hf_lp, req.logprobs[:upto])), default=0.0)
-        report.append((diverge, err))
-        assert err < 0.1, f"logprob differs from transformers by {err}"
-        assert diverge is None or diverge >= 8, f"diverged from transformers at token {diverge}"
-    print("first divergence / max logprob error per prompt:", report)
+    try:
+        for prompt, (req,) in zip(prompts, groups):
+            ours = torch.tensor(req.logprobs)
+            sdpa = _teacher_forced_logprobs(model, prompt, req.output, "sdpa")
+            eager = _teacher_forced_logprobs(model, prompt, req.output, "eager")
+            err, noise = (ours - sdpa).abs().max().item(), (eager - sdpa).abs().max().item()
+            model.set_attn_implementation("sdpa")
+            ids = torch.tensor([prompt], device="cuda")
+            hf = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                                do_sample=False, pad_token_id=2)[0, len(prompt):].tolist()
+            diverge = next((i for i, (x, y) in enumerate(zip(hf, req.output)) if x != y), None)
+            report.append({"first_divergence": diverge, "max_logprob_err": err, "noise_floor": noise})
+            assert err <= 2 * noise + 0.02, report[-1]
+    finally:
+        model.set_attn_implementation("sdpa")
+        print("engine vs transformers (sdpa), bf16:", report)
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma2"])
@@ -69,24 +93,45 @@ def test_tiny_families_on_gpu_graphs(family):
     assert [g[0].output for g in a] == [g[0].output for g in b]
 
 
-def test_paged_cache_generate_matches_dynamic_bf16(smollm2_bf16):
+def test_paged_cache_decode_matches_dynamic_cache_bf16(smollm2_bf16, smollm2_tokenizer):
+    """Greedy generate with PagedCache vs DynamicCache (both "hf_efficient", bf16): per-step logits of the PagedCache
+    run, teacher-forced on the DynamicCache run's tokens, within 2x the sdpa-vs-eager noise floor."""
     model = smollm2_bf16
-    model.set_attn_implementation("hf_efficient")
+    prompts = _chat(smollm2_tokenizer, CHATS)
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), 2, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    ids, mask = ids.cuda(), mask.cuda()
+    new = 32
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=2)
     try:
-        prompts = _prompts([30, 11, 57], model.config.vocab_size, seed=3)
-        width = max(map(len, prompts))
-        ids = torch.full((3, width), 2, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
-        ids, mask = ids.cuda(), mask.cuda()
-        kw = dict(attention_mask=mask, max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=2)
-        dyn = model.generate(ids, **kw)
-        paged = model.generate(ids, past_key_values=hf_efficient.PagedCache(model.config, max_tokens=4096), **kw)
-        agree = (dyn == paged).float().mean().item()
-        print(f"PagedCache vs DynamicCache bf16 token agreement: {agree:.3f}")
-        assert agree > 0.9
+        model.set_attn_implementation("hf_efficient")
+        dyn = model.generate(ids, attention_mask=mask, output_logits=True, return_dict_in_generate=True, **kw)
+        paged = model.generate(ids, attention_mask=mask, past_key_values=hf_efficient.PagedCache(
+            model.config, max_tokens=4096), **kw)
+        agree = (dyn.sequences[:, width:] == paged[:, width:]).float().mean().item()
+        # teacher-forced PagedCache decode over the DynamicCache tokens
+        cache = hf_efficient.PagedCache(model.config, max_tokens=4096, block_size=16)
+        seq, m = dyn.sequences, mask
+        errs = []
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=m, past_key_values=cache)
+            errs.append((out.logits[:, -1].float() - dyn.logits[0].float()).abs().max().item())
+            for t in range(1, new):
+                m = torch.cat([m, torch.ones_like(m[:, :1])], 1)
+                out = model(input_ids=seq[:, width + t - 1 : width + t], attention_mask=m, past_key_values=cache)
+                errs.append((out.logits[:, -1].float() - dyn.logits[t].float()).abs().max().item())
+        model.set_attn_implementation("sdpa")
+        a = model(input_ids=seq, attention_mask=torch.cat([mask, torch.ones_like(seq[:, width:])], 1)).logits
+        model.set_attn_implementation("eager")
+        b = model(input_ids=seq, attention_mask=torch.cat([mask, torch.ones_like(seq[:, width:])], 1)).logits
+        noise = (a[:, width - 1 : -1].float() - b[:, width - 1 : -1].float()).abs().max().item()
+        print(f"PagedCache vs DynamicCache bf16: token agreement {agree:.3f}, max step-logit error {max(errs):.3f}, "
+              f"sdpa-vs-eager noise {noise:.3f}")
+        assert max(errs) <= 2 * noise + 0.05
     finally:
         model.set_attn_implementation("sdpa")
 
