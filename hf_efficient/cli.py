@@ -8,7 +8,7 @@ import json
 import sys
 import time
 
-BENCH_AREAS = ("attention", "decode", "generate", "memory")
+BENCH_AREAS = ("attention", "decode", "generate", "memory", "sft_parity")
 
 
 class _Parser(argparse.ArgumentParser):
