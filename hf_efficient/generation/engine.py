@@ -399,7 +399,7 @@ class DecodeEngine:
         n = len(self._active)
         b = self._bucket(n)
         flags = self.sampler.static_flags(b)
-        key = (b, flags["greedy_only"], flags["skip_penalty"])
+        key = (b, flags["greedy_only"], flags["skip_penalty"], flags["candidates"])
         if self.cuda_graphs:
             graph = self._graphs.get(key) or self._capture(key)
             graph.replay()
@@ -417,7 +417,7 @@ class DecodeEngine:
         self._body(key, plan)
 
     def _body(self, key, plan: StepPlan) -> None:
-        b, greedy_only, skip_penalty = key
+        b, greedy_only, skip_penalty, candidates = key
         bs = self.block_size
         pos = self.positions[:b]
         self.seqlens_after[:b].copy_(pos + 1)
@@ -429,7 +429,8 @@ class DecodeEngine:
             use_cache=True, logits_to_keep=1,
         )
         tok, lp = self.sampler.sample(
-            out.logits[:, -1], slots=None, greedy_only=greedy_only, skip_penalty=skip_penalty, logprobs="raw"
+            out.logits[:, -1], slots=None, greedy_only=greedy_only, skip_penalty=skip_penalty,
+            candidates=candidates, logprobs="raw",
         )
         self.tokens[:b].copy_(tok)
         self.positions[:b] += self.active[:b]

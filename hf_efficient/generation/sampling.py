@@ -13,11 +13,13 @@ Processing order of one row (the same as transformers' ``generate``)::
 
     repetition penalty -> temperature -> top-k -> top-p -> min-p -> draw
 
-One descending sort of the processed logits serves top-k, top-p, min-p and the draw: each filter becomes a per-row
-threshold on the logit value, the kept set is a prefix of the sorted row, and the draw is an inverse-CDF lookup of
-one uniform number in the float64 cumulative sum of that prefix. The uniform number of a row comes from a
-counter-based generator (SplitMix64 of the request's stream key and its step counter), so a seeded request draws
-the same tokens whatever slot it occupies and whatever its neighbours are. See ``docs/sampling.md``.
+Every filter becomes a per-row threshold on the processed logit (min-p from the row max; top-k and top-p from one
+descending sort of the row, or a ``torch.topk`` when every row's top-k is bounded, or nothing when no row uses
+them), so the kept set is ``{token: logit >= threshold}`` (ties at a boundary are kept). The draw is an inverse-CDF
+lookup of one uniform number in the float64 cumulative sum, in token order, of the kept probabilities. The uniform
+number of a row comes from a counter-based generator (SplitMix64 of the request's stream key and its step counter),
+so a seeded request draws the same tokens whatever slot it occupies, whatever its neighbours are and whichever fast
+path the batch takes. See ``docs/sampling.md``.
 """
 
 from __future__ import annotations
@@ -307,8 +309,8 @@ def stream_key(seed: int, sample_index: int = 0) -> int:
 
 
 def counter_uniform_reference(key: int, step: int) -> float:
-    """Host reference of :func:`counter_uniform`: ``u = (splitmix64(key + (step + 1) * gamma) >> 11) * 2**-53``."""
-    return (splitmix64(key + (step + 1) * _GAMMA) >> 11) * 2.0**-53
+    """Host reference of :func:`counter_uniform`: ``u = (splitmix64(key + (step + 1) * gamma) >> 12) * 2**-52``."""
+    return (splitmix64(key + (step + 1) * _GAMMA) >> 12) * 2.0**-52
 
 
 _S_GAMMA, _S_MIX1, _S_MIX2 = _signed64(_GAMMA), _signed64(_MIX1), _signed64(_MIX2)
@@ -322,17 +324,49 @@ def _srl(z: torch.Tensor, s: int) -> torch.Tensor:
 def counter_uniform(key: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     """Uniform float64 numbers in ``[0, 1)`` from ``(key, step)`` int64 tensors: SplitMix64 as a counter-based RNG.
 
-    Element-wise ``u = (mix64(key + (step + 1) * gamma) >> 11) * 2**-53`` in wrapping int64 arithmetic (53 random
-    bits); equal bit for bit to :func:`counter_uniform_reference` on every device.
+    Element-wise ``u = (mix64(key + (step + 1) * gamma) >> 12) * 2**-52`` in wrapping int64 arithmetic (52 random
+    bits, so ``u * m < m`` holds exactly in float64 for every ``m >= 1``); equal bit for bit to
+    :func:`counter_uniform_reference` on every device.
     """
     z = key + (step + 1) * _S_GAMMA
     z = (z ^ _srl(z, 30)) * _S_MIX1
     z = (z ^ _srl(z, 27)) * _S_MIX2
     z = z ^ _srl(z, 31)
-    return _srl(z, 11).to(torch.float64) * (2.0**-53)
+    return _srl(z, 12).to(torch.float64) * (2.0**-52)
 
 
 # ---------------------------------------------------------------------------------------------------- sampler
+
+_BLOCK = 128  # width of the blocks of the two-level cumulative sums
+
+
+def _block_cdf(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` (B, W) non-negative float32 as blocks (B, nb, _BLOCK) (zero padded) and their float64 cumulative sums
+    (B, nb). A full-width float64 scan is slow on GPUs; block sums plus one in-block scan are cheap."""
+    pad = (-w.shape[1]) % _BLOCK
+    if pad:
+        w = torch.nn.functional.pad(w, (0, pad))
+    blocks = w.view(w.shape[0], -1, _BLOCK)
+    return blocks, torch.cumsum(blocks.sum(dim=-1, dtype=torch.float64), dim=-1)
+
+
+def _block_search(
+    blocks: torch.Tensor, bcdf: torch.Tensor, target: torch.Tensor, right: bool, width: int, arange: torch.Tensor
+) -> torch.Tensor:
+    """First index whose inclusive cumulative sum is ``> target`` (``right``) or ``>= target``, as (B, 1) int64.
+
+    The result is clamped to the last positive weight of its block (and to ``width - 1``): with a target below
+    the total, the index always has a positive weight even where float64 rounding of the two levels disagrees.
+    """
+    nb = blocks.shape[1]
+    b = torch.searchsorted(bcdf, target, right=right).clamp_(max=nb - 1)
+    before = torch.where(b > 0, bcdf.gather(1, (b - 1).clamp(min=0)), torch.zeros_like(target))
+    inner = blocks.gather(1, b[:, :, None].expand(-1, 1, _BLOCK)).squeeze(1)
+    icdf = before + torch.cumsum(inner, dim=-1, dtype=torch.float64)
+    j = torch.searchsorted(icdf, target, right=right)
+    last = torch.where(inner > 0, arange, -1).amax(dim=-1, keepdim=True).clamp_(min=0)
+    return (b * _BLOCK + torch.minimum(j, last)).clamp_(max=width - 1)
+
 
 # Columns of the packed per-slot parameter tensors.
 _F_TEMP, _F_TOP_P, _F_MIN_P, _F_PENALTY = range(4)
@@ -346,12 +380,11 @@ class _Processed:
     scaled: torch.Tensor  # (B, V) float32 logits after penalty and temperature (temperature 1 for greedy rows)
     greedy: torch.Tensor  # (B,) bool
     greedy_tokens: torch.Tensor  # (B,) int64 argmax of the penalized logits
-    sorted_vals: torch.Tensor | None = None  # (B, V) float32, descending
-    sorted_idx: torch.Tensor | None = None  # (B, V) int64
-    cdf: torch.Tensor | None = None  # (B, V) float64 cumulative sum of exp(sorted_vals - max)
     top: torch.Tensor | None = None  # (B, 1) float32 row max of `scaled`
-    threshold: torch.Tensor | None = None  # (B, 1) float32: kept tokens are scaled >= threshold
-    mass: torch.Tensor | None = None  # (B, 1) float64 sum of exp(scaled - top) over the kept tokens
+    threshold: torch.Tensor | None = None  # (B, 1) float32: the kept tokens are those with scaled >= threshold
+    blocks: torch.Tensor | None = None  # (B, nb, _BLOCK) float32 exp(scaled - top) of kept tokens, 0 elsewhere
+    bcdf: torch.Tensor | None = None  # (B, nb) float64 cumulative block sums of `blocks`
+    mass: torch.Tensor | None = None  # (B, 1) float64 sum of exp(scaled - top) over the kept tokens (>= 1)
 
 
 class BatchSampler:
@@ -388,7 +421,7 @@ class BatchSampler:
         vocab_size: int,
         device: torch.device | str = "cpu",
         *,
-        max_stop_ids: int = 8,
+        max_stop_ids: int = 32,
         generator: torch.Generator | None = None,
     ):
         if max_batch < 1:
@@ -410,6 +443,7 @@ class BatchSampler:
         self.stop_ids = torch.full((max_batch, max_stop_ids), -1, dtype=torch.int64, device=dev)
         self.seen = torch.zeros(max_batch, vocab_size, dtype=torch.bool, device=dev)
         self._rows = torch.arange(max_batch, device=dev)
+        self._block_ar = torch.arange(_BLOCK, device=dev)
         self.slot_params: list[SamplingParams | None] = [None] * max_batch
 
     # --------------------------------------------------------------------------------------- state views
@@ -526,18 +560,31 @@ class BatchSampler:
         self._iparams[:, _I_STEP].copy_(steps)
         self.seen.copy_(seen)
 
-    def static_flags(self, slots: Sequence[int] | int) -> dict[str, bool]:
+    def static_flags(self, slots: Sequence[int] | int, candidate_buckets: Sequence[int] = (64, 1024)) -> dict:
         """Host-side fast-path flags for a batch, from the parameters given to :meth:`set_slot` (no device read).
 
-        ``slots``: the slot ids of the batch rows, or an int ``B`` for slots ``0 .. B-1``. Returns
-        ``{"greedy_only": ..., "skip_penalty": ...}`` to pass to :meth:`sample` (free slots count as greedy
-        without penalty). A decode loop keys its captured graphs on ``(B, greedy_only, skip_penalty)``.
+        ``slots``: the slot ids of the batch rows, or an int ``B`` for slots ``0 .. B-1``. Returns the keyword
+        arguments ``greedy_only``, ``skip_penalty`` and ``candidates`` for :meth:`sample`: ``candidates`` is ``0``
+        when no sampled row uses top-k or top-p, else the smallest of ``candidate_buckets`` that bounds every
+        sampled row's ``top_k`` (``None``: full sort, when a row has top-p without top-k or a larger top-k).
+        Greedy and free slots constrain nothing. A decode loop keys its captured graphs on ``B`` and these flags;
+        the tokens drawn do not depend on them.
         """
         rows = range(slots) if isinstance(slots, int) else slots
-        params = [self.slot_params[s] for s in rows]
+        sampled = [p for p in (self.slot_params[s] for s in rows) if p is not None and not p.greedy]
+        candidates: int | None = 0
+        if any(p.top_k > 0 or p.top_p < 1.0 for p in sampled):
+            if all(p.top_k > 0 for p in sampled):
+                k = max(p.top_k for p in sampled)
+                candidates = next((c for c in sorted(candidate_buckets) if c >= k), None)
+            else:
+                candidates = None
         return {
-            "greedy_only": all(p is None or p.greedy for p in params),
-            "skip_penalty": all(p is None or p.repetition_penalty == 1.0 for p in params),
+            "greedy_only": not sampled,
+            "skip_penalty": all(
+                p is None or p.repetition_penalty == 1.0 for p in (self.slot_params[s] for s in rows)
+            ),
+            "candidates": candidates,
         }
 
     # --------------------------------------------------------------------------------------- device side
@@ -569,6 +616,7 @@ class BatchSampler:
         *,
         skip_penalty: bool,
         greedy_only: bool,
+        candidates: int | None,
     ) -> _Processed:
         x = logits.to(torch.float32)
         if not skip_penalty:
@@ -581,24 +629,34 @@ class BatchSampler:
             return out
         t = torch.where(greedy, torch.ones_like(temp), temp)
         s = x / t[:, None]
-        out.scaled = s
-        vals, idx = torch.sort(s, dim=-1, descending=True, stable=True)
-        top = vals[:, :1]
-        cdf = torch.cumsum(torch.exp(vals - top), dim=-1, dtype=torch.float64)
-        # top-k: the k-th largest value; ties with it are kept.
-        thr_k = vals.gather(1, ip[:, _I_TOP_K : _I_TOP_K + 1] - 1)
-        n_k = (vals >= thr_k).sum(dim=-1, keepdim=True)
-        mass_k = cdf.gather(1, n_k - 1)
-        # top-p on the top-k distribution: the first sorted position where the cumulative mass reaches p.
-        p = fp[:, _F_TOP_P : _F_TOP_P + 1]
-        j_p = torch.searchsorted(cdf, p.to(torch.float64) * mass_k).clamp_(max=n_k - 1)
-        thr_p = torch.where(p >= 1.0, torch.full_like(p, -math.inf), vals.gather(1, j_p))
+        top = s.amax(dim=-1, keepdim=True)
+        e = torch.exp(s - top)
         # min-p: p_i >= min_p * p_max  <=>  s_i >= s_max + log(min_p).
-        thr_m = top + torch.log(fp[:, _F_MIN_P : _F_MIN_P + 1])
-        thr = torch.maximum(torch.maximum(thr_k, thr_p), thr_m)
-        n_keep = (vals >= thr).sum(dim=-1, keepdim=True)
-        out.sorted_vals, out.sorted_idx, out.cdf, out.top = vals, idx, cdf, top
-        out.threshold, out.mass = thr, cdf.gather(1, n_keep - 1)
+        thr = top + torch.log(fp[:, _F_MIN_P : _F_MIN_P + 1])
+        if candidates is None or candidates > 0:
+            # The most likely tokens in descending order: all of them (sort), or the top `candidates` when every
+            # sampled row's top_k is at most that. Both give the same thresholds.
+            if candidates is None or candidates >= self.vocab_size:
+                vals = torch.sort(s, dim=-1, descending=True).values
+            else:
+                vals = torch.topk(s, candidates, dim=-1, sorted=True).values
+            width = vals.shape[1]
+            # top-k: the k-th largest value; ties with it are kept.
+            k = ip[:, _I_TOP_K : _I_TOP_K + 1].clamp(max=width)
+            thr_k = vals.gather(1, k - 1)
+            mass_k = torch.where(s >= thr_k, e, 0.0).sum(dim=-1, keepdim=True, dtype=torch.float64)
+            # top-p on the top-k distribution: the value where the descending cumulative mass reaches p * mass_k
+            # (the whole tie group at the boundary is kept). When the candidates do not reach it, the cut lies at
+            # or below the top-k threshold, which then decides.
+            p = fp[:, _F_TOP_P : _F_TOP_P + 1]
+            blocks, bcdf = _block_cdf(torch.exp(vals - top))
+            target = p.to(torch.float64) * mass_k
+            j_p = _block_search(blocks, bcdf, target, False, width, self._block_ar)
+            thr_p = torch.where(p >= 1.0, torch.full_like(p, -math.inf), vals.gather(1, j_p))
+            thr = torch.maximum(thr, torch.maximum(thr_k, thr_p))
+        blocks, bcdf = _block_cdf(torch.where(s >= thr, e, 0.0))
+        out.scaled, out.top, out.threshold = s, top, thr
+        out.blocks, out.bcdf, out.mass = blocks, bcdf, bcdf[:, -1:].contiguous()
         return out
 
     def sample(
@@ -609,6 +667,7 @@ class BatchSampler:
         observe: bool = True,
         greedy_only: bool = False,
         skip_penalty: bool = False,
+        candidates: int | None = None,
         logprobs: str = "processed",
     ):
         """Draw one token per row. Device ops only: no host sync, static shapes, CUDA-graph capturable.
@@ -618,8 +677,13 @@ class BatchSampler:
             slots: ``None`` (row ``i`` is slot ``i``) or a ``(B,)`` int64 device tensor of distinct slot ids (a
                 static buffer when captured).
             observe: mark the drawn tokens as seen (repetition penalty); else call :meth:`observe` yourself.
-            greedy_only: static fast path when every row is greedy (see :meth:`static_flags`): argmax, no sort.
-            skip_penalty: static fast path when no row has a repetition penalty.
+            greedy_only: fast path, valid when every row is greedy: argmax only.
+            skip_penalty: fast path, valid when no row has a repetition penalty.
+            candidates: how much of each row is sorted to find the top-k/top-p thresholds. ``None`` (always
+                valid): a full sort. ``K > 0``: ``torch.topk(K)``, valid when every sampled row has
+                ``1 <= top_k <= K``. ``0``: no sort, valid when no sampled row uses top-k or top-p.
+                :meth:`static_flags` computes valid values of these three flags from the slots' parameters; the
+                tokens drawn are the same whichever valid values are passed.
             logprobs: ``"processed"``: log-probability of the token under the distribution it was drawn from
                 (after penalty, temperature, top-k/top-p/min-p and renormalisation; ``0`` for greedy rows);
                 ``"raw"``: the model's ``log_softmax(logits)[token]``; ``"both"``: return both.
@@ -636,20 +700,20 @@ class BatchSampler:
         self._check_logits(logits)
         batch = logits.shape[0]
         fp, ip, seen, rows = self._gather(batch, slots)
-        pr = self._process(logits, fp, ip, seen, skip_penalty=skip_penalty, greedy_only=greedy_only)
+        pr = self._process(
+            logits, fp, ip, seen, skip_penalty=skip_penalty, greedy_only=greedy_only, candidates=candidates
+        )
         if greedy_only:
             tokens = pr.greedy_tokens
             proc_lp = torch.zeros(batch, dtype=torch.float32, device=logits.device)
         else:
             u = counter_uniform(ip[:, _I_KEY], ip[:, _I_STEP])[:, None]
-            cdf, mass = pr.cdf, pr.mass
-            # Inverse CDF: the first position whose cumulative mass exceeds u * mass. Clamped to the last position
-            # of positive mass (u * mass may round up to mass), so a zero-probability token is never drawn.
-            j = torch.searchsorted(cdf, u * mass, right=True)
-            j = torch.minimum(j, torch.searchsorted(cdf, mass))
-            drawn = pr.sorted_idx.gather(1, j).squeeze(1)
-            lp = ((pr.sorted_vals.gather(1, j) - pr.top).to(torch.float64) - torch.log(mass)).squeeze(1)
-            tokens = torch.where(pr.greedy, pr.greedy_tokens, drawn)
+            mass = pr.mass
+            # Inverse CDF in token order: the first token whose cumulative mass exceeds u * mass (< mass). It has
+            # a positive probability: a token outside the support is never drawn.
+            j = _block_search(pr.blocks, pr.bcdf, u * mass, True, self.vocab_size, self._block_ar)
+            lp = ((pr.scaled.gather(1, j) - pr.top).to(torch.float64) - torch.log(mass)).squeeze(1)
+            tokens = torch.where(pr.greedy, pr.greedy_tokens, j.squeeze(1))
             proc_lp = torch.where(pr.greedy, torch.zeros_like(lp), lp).to(torch.float32)
         if slots is None:
             self._iparams[:batch, _I_STEP] += 1
@@ -686,28 +750,41 @@ class BatchSampler:
         return hit | (ip[:, _I_STEP] >= ip[:, _I_MAX_TOKENS])
 
     def processed_logits(
-        self, logits: torch.Tensor, slots: torch.Tensor | None = None, *, skip_penalty: bool = False
+        self,
+        logits: torch.Tensor,
+        slots: torch.Tensor | None = None,
+        *,
+        skip_penalty: bool = False,
+        candidates: int | None = None,
     ) -> torch.Tensor:
         """The float32 ``(B, vocab)`` logits :meth:`sample` draws from: penalty and temperature applied (greedy rows
         with temperature 1), ``-inf`` outside the top-k/top-p/min-p support. Reads no RNG and changes no state."""
-        self._check_logits(logits)
-        fp, ip, seen, _ = self._gather(logits.shape[0], slots)
-        pr = self._process(logits, fp, ip, seen, skip_penalty=skip_penalty, greedy_only=False)
+        pr = self._query(logits, slots, skip_penalty, candidates)
         return pr.scaled.masked_fill(pr.scaled < pr.threshold, -math.inf)
 
     def processed_logprobs(
-        self, logits: torch.Tensor, slots: torch.Tensor | None = None, *, skip_penalty: bool = False
+        self,
+        logits: torch.Tensor,
+        slots: torch.Tensor | None = None,
+        *,
+        skip_penalty: bool = False,
+        candidates: int | None = None,
     ) -> torch.Tensor:
         """Float32 ``(B, vocab)`` log-probabilities of the distribution :meth:`sample` draws from (``-inf`` outside
         the support; greedy rows: ``0`` at the argmax). The target distribution of speculative or RL importance
         sampling. Reads no RNG and changes no state."""
-        self._check_logits(logits)
-        fp, ip, seen, _ = self._gather(logits.shape[0], slots)
-        pr = self._process(logits, fp, ip, seen, skip_penalty=skip_penalty, greedy_only=False)
+        pr = self._query(logits, slots, skip_penalty, candidates)
         lp = (pr.scaled - pr.top).to(torch.float64) - torch.log(pr.mass)
         lp = lp.masked_fill(pr.scaled < pr.threshold, -math.inf).to(torch.float32)
         onehot = torch.full_like(lp, -math.inf).scatter_(1, pr.greedy_tokens[:, None], 0.0)
         return torch.where(pr.greedy[:, None], onehot, lp)
+
+    def _query(self, logits, slots, skip_penalty, candidates) -> _Processed:
+        self._check_logits(logits)
+        fp, ip, seen, _ = self._gather(logits.shape[0], slots)
+        return self._process(
+            logits, fp, ip, seen, skip_penalty=skip_penalty, greedy_only=False, candidates=candidates
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- stop strings
