@@ -1,0 +1,144 @@
+"""``flash_attn_with_kvcache`` with flash-attn 2.x semantics, on the paged decode op.
+
+Steps, as in flash-attn: (1) rotary embedding of q and the new k when ``rotary_cos``/``rotary_sin``
+are given; (2) the new k/v are written into the cache in place at positions
+``cache_seqlens[b] ..`` (``cache_seqlens`` is the length *before* appending); (3) attention of q
+over the cache (``cache_seqlens + seqlen_new`` keys, bottom-right causal alignment).
+
+Every step is a device op without host sync, so a decode step can be captured in a CUDA graph.
+q with more than 16 tokens (prefill) runs the Triton paged kernel instead of the CUDA one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops.paged_decode import check_paged_inputs, paged_decode_op
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                 interleaved: bool) -> torch.Tensor:
+    """Rotate the first ``2 * cos.shape[1]`` dims of ``x`` (batch, seqlen, heads, head_dim).
+
+    cos/sin: (seqlen_ro, rotary_dim / 2); positions: (batch, seqlen) int64 rows of cos/sin.
+    interleaved: pairs (0, 1), (2, 3), ... (GPT-J); else (i, i + rotary_dim / 2) (GPT-NeoX).
+    Computed in fp32, returned in x.dtype.
+    """
+    rd = 2 * cos.shape[1]
+    c = cos[positions].unsqueeze(2).float()  # (batch, seqlen, 1, rd/2)
+    s = sin[positions].unsqueeze(2).float()
+    xr = x[..., :rd].float()
+    if interleaved:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        rot = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+    else:
+        x1, x2 = xr[..., : rd // 2], xr[..., rd // 2:]
+        rot = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+    return torch.cat((rot.to(x.dtype), x[..., rd:]), dim=-1)
+
+
+def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    cache_seqlens: torch.Tensor, block_table: torch.Tensor | None = None,
+                    cache_batch_idx: torch.Tensor | None = None) -> None:
+    """Write k/v (batch, seqlen_new, nheads_k, head_dim) into the cache at ``cache_seqlens[b] + i``.
+
+    Paged: page ``block_table[b, pos // block_size]``, slot ``pos % block_size``; contiguous: row
+    ``cache_batch_idx[b]`` (default b). In place, no host sync. Positions must lie inside the
+    sequence's pages (not checked: that would need a sync).
+    """
+    B, Tn = k.shape[:2]
+    pos = cache_seqlens.long().unsqueeze(1) + torch.arange(Tn, device=k.device)
+    if block_table is not None:
+        bs = k_cache.shape[1]
+        pages = block_table.long().gather(1, pos // bs)
+        k_cache[pages, pos % bs] = k.to(k_cache.dtype)
+        v_cache[pages, pos % bs] = v.to(v_cache.dtype)
+    else:
+        rows = cache_batch_idx.long() if cache_batch_idx is not None else torch.arange(B, device=k.device)
+        rows = rows.unsqueeze(1).expand(B, Tn)
+        k_cache[rows, pos] = k.to(k_cache.dtype)
+        v_cache[rows, pos] = v.to(v_cache.dtype)
+
+
+def _check_new_kv(q, k_cache, k, v, rotary_cos, rotary_sin):
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together")
+    if k is not None:
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dtype != q.dtype:
+                raise TypeError(f"{name} dtype {t.dtype} must match q dtype {q.dtype}")
+            if t.device != q.device:
+                raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+            want = (q.shape[0], k.shape[1], k_cache.shape[2], k_cache.shape[3])
+            if t.dim() != 4 or tuple(t.shape) != want:
+                raise ValueError(f"{name} must have shape (batch, seqlen_new, nheads_k, head_dim) = {want}, "
+                                 f"got {tuple(t.shape)}")
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("rotary_cos and rotary_sin must be given together")
+    if rotary_cos is not None:
+        if k is None:
+            raise ValueError("rotary_cos/rotary_sin need k and v (rotary is applied to the new tokens)")
+        for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor")
+            if t.dim() != 2 or tuple(t.shape) != tuple(rotary_cos.shape) or t.device != q.device:
+                raise ValueError(f"{name} must be (seqlen_ro, rotary_dim / 2) on {q.device}, got {tuple(t.shape)}")
+        if 2 * rotary_cos.shape[1] > q.shape[-1]:
+            raise ValueError(f"rotary_dim {2 * rotary_cos.shape[1]} exceeds head_dim {q.shape[-1]}")
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+    """Attention over a KV cache, appending new k/v first (flash-attn 2.x ``flash_attn_with_kvcache``).
+
+    Arguments:
+        q: (batch, seqlen_q, nheads, head_dim) float16/bfloat16.
+        k_cache, v_cache: (batch_cache, seqlen_cache, nheads_k, head_dim) without ``block_table``, or
+            (num_blocks, block_size, nheads_k, head_dim) with it (paged). Updated in place when k/v given.
+        k, v: optional (batch, seqlen_new, nheads_k, head_dim), written at ``cache_seqlens[b] ..``.
+        rotary_cos, rotary_sin: optional (seqlen_ro, rotary_dim / 2); rotate q and the new k. The new
+            k at positions cache_seqlens + i; q the same when causal or local, else all at
+            cache_seqlens. Needs k/v.
+        cache_seqlens: int or (batch,) int32, cache length before appending (default: the full
+            cache, seqlen_cache, for a contiguous cache; required for a paged one).
+        cache_batch_idx: (batch,) int32 rows of a contiguous cache. cache_leftpad: (batch,) int32
+            first valid key of a contiguous cache.
+        block_table: (batch, max_blocks_per_seq) int32.
+        softmax_scale: default head_dim ** -0.5. causal: bottom-right aligned. window_size: (left,
+            right), -1 unbounded. softcap: > 0 applies cap * tanh(s / cap). alibi_slopes: (nheads,) or
+            (batch, nheads) fp32. num_splits: split-KV factor, 0 = heuristic.
+        return_softmax_lse: also return lse (batch, nheads, seqlen_q) fp32.
+    Returns:
+        out (batch, seqlen_q, nheads, head_dim) [, softmax_lse].
+    """
+    if cache_seqlens is None:
+        if block_table is not None or k is not None:
+            raise ValueError("cache_seqlens is required with block_table or new k/v")
+        cache_seqlens = k_cache.shape[1] if isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4 else 0
+    args = list(check_paged_inputs(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx,
+                                   cache_leftpad, alibi_slopes, softmax_scale, causal, window_size, softcap,
+                                   num_splits))
+    _check_new_kv(q, k_cache, k, v, rotary_cos, rotary_sin)
+    cache_seqlens = args[3]
+    n_new = k.shape[1] if k is not None else 0
+    capacity = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
+    if n_new > capacity:
+        raise ValueError(f"k seqlen_new {n_new} exceeds the cache capacity {capacity}")
+    if n_new:
+        args[3] = cache_seqlens + n_new
+    q = args[0]
+    if rotary_cos is not None:
+        base = cache_seqlens.long().unsqueeze(1)
+        ar_q = torch.arange(q.shape[1], device=q.device)
+        local = causal or tuple(window_size) != (-1, -1)
+        pos_q = base + ar_q if local else base.expand(-1, q.shape[1])
+        q = apply_rotary(q, rotary_cos, rotary_sin, pos_q, rotary_interleaved)
+        k = apply_rotary(k, rotary_cos, rotary_sin, base + torch.arange(n_new, device=q.device), rotary_interleaved)
+    if n_new:
+        kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx)
+    out, lse = paged_decode_op(q, *args[1:])
+    return (out, lse) if return_softmax_lse else out
