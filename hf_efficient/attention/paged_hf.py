@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..cache.paged import PagedLayer
+from ..ops.kv_store import store_kv
 from .hf_integration import _run, _Varlen, attention_forward
 
 MAX_DECODE_QUERIES = 16
@@ -52,20 +53,24 @@ def paged_attention_forward(
             raise RuntimeError(f"PagedCache step planned for {plan.q_len} new tokens, layer got {q_len}")
 
     nheads_k, dim_v = key.shape[1], value.shape[-1]
-    k_new = key.transpose(1, 2).reshape(batch * q_len, nheads_k, dim)
-    v_new = value.transpose(1, 2).reshape(batch * q_len, nheads_k, dim_v)
-    if plan.q_idx is not None:
-        k_new, v_new = k_new.index_select(0, plan.q_idx), v_new.index_select(0, plan.q_idx)
-    if plan.write_rows is not None:
-        if plan.group_check is not None and layer.layer_idx == 0:
-            lead, follow = plan.group_check
-            if not torch.allclose(k_new[lead], k_new[follow], rtol=1e-3, atol=1e-3):
-                raise ValueError("PagedCache(prompt_group_size=n) got groups whose prompts differ")
-        k_new, v_new = k_new.index_select(0, plan.write_rows), v_new.index_select(0, plan.write_rows)
     k_flat = layer.k_pool.view(-1, nheads_k, dim)
     v_flat = layer.v_pool.view(-1, nheads_k, dim_v)
-    k_flat.index_copy_(0, plan.write_slots, k_new.to(k_flat.dtype))
-    v_flat.index_copy_(0, plan.write_slots, v_new.to(v_flat.dtype))
+    if plan.q_idx is None and plan.write_rows is None:
+        # Every new token is real and stored: one launch writes K and V from the module's layout.
+        store_kv(key, value, layer.k_pool, layer.v_pool, plan.write_slots)
+    else:
+        k_new = key.transpose(1, 2).reshape(batch * q_len, nheads_k, dim)
+        v_new = value.transpose(1, 2).reshape(batch * q_len, nheads_k, dim_v)
+        if plan.q_idx is not None:
+            k_new, v_new = k_new.index_select(0, plan.q_idx), v_new.index_select(0, plan.q_idx)
+        if plan.write_rows is not None:
+            if plan.group_check is not None and layer.layer_idx == 0:
+                lead, follow = plan.group_check
+                if not torch.allclose(k_new[lead], k_new[follow], rtol=1e-3, atol=1e-3):
+                    raise ValueError("PagedCache(prompt_group_size=n) got groups whose prompts differ")
+            k_new, v_new = k_new.index_select(0, plan.write_rows), v_new.index_select(0, plan.write_rows)
+        k_flat.index_copy_(0, plan.write_slots, k_new.to(k_flat.dtype))
+        v_flat.index_copy_(0, plan.write_slots, v_new.to(v_flat.dtype))
 
     if not any(plan.lens_before):
         # Prefill: nothing stored before, so attention over the new tokens is the whole story.
