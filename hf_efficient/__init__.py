@@ -6,7 +6,8 @@ kernels are compiled by Triton (or nvcc, for the CUDA C++ ones) the first time t
 """
 
 from ._version import __version__
-from .attention.hf_integration import IMPLEMENTATION_NAME, register as _register
+from .attention.hf_integration import IMPLEMENTATION_NAME
+from .attention.hf_integration import register as _register
 
 _register()
 

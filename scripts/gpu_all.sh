@@ -13,7 +13,7 @@ PY=${PYTHON:-python3}
 $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -n 2
 hf-efficient env 2>&1 | tee "$OUT/env.txt"
 TESTS=${*:-tests/attention tests/cache tests/generation tests/models}
-timeout 300 $PY -m pytest -m gpu $TESTS -q -p no:cacheprovider -rfEs -s 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 60
+timeout 240 $PY -m pytest -m gpu $TESTS -q -p no:cacheprovider -rfEs -s 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 60
 TEST_RC=${PIPESTATUS[0]}
 timeout 280 hf-efficient bench generate --out "$OUT/bench" 2>&1 | tee "$OUT/bench_generate.log" | tail -n 20
 BENCH_RC=${PIPESTATUS[0]}
