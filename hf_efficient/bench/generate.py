@@ -53,18 +53,69 @@ def _prompts(vocab: int, n: int, lo: int, hi: int, seed: int = 0) -> list[list[i
     return [[rng.randrange(100, vocab - 100) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
-def _ours(model, prompts, new, max_batch):
+def _ours(model, prompts, new, max_batch, fused=False):
+    import contextlib
+
+    from .. import patches
     from ..generation.engine import DecodeEngine
     from ..generation.sampling import SamplingParams
 
-    total = sum(len(p) for p in prompts) + len(prompts) * (new + 32)
-    engine = DecodeEngine(model, max_batch=max_batch, max_tokens=total, sync_every=16)
-    params = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
-    _, warm = _timed(lambda: engine.generate(prompts, params))  # captures graphs, compiles kernels
-    groups, t = _timed(lambda: engine.generate(prompts, params))
+    ctx = patches.applied("fused_layers") if fused else contextlib.nullcontext()
+    with ctx:
+        total = sum(len(p) for p in prompts) + len(prompts) * (new + 32)
+        engine = DecodeEngine(model, max_batch=max_batch, max_tokens=total, sync_every=16)
+        params = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
+        _, warm = _timed(lambda: engine.generate(prompts, params))  # captures graphs, compiles kernels
+        groups, t = _timed(lambda: engine.generate(prompts, params))
     tokens = sum(len(r.output) for g in groups for r in g)
     assert tokens == new * len(prompts), "every request must generate exactly `new` tokens"
-    return tokens / t, warm, t, engine.stats
+    return tokens / t, warm, t, engine.stats, [r.output for g in groups for r in g]
+
+
+def _ours_fused(model, prompts, new, max_batch, plain_outputs, notes, key):
+    """The engine with the fused_layers patch; records its speed and whether its greedy tokens match."""
+    from .. import patches
+
+    if "fused_layers" not in patches.available():
+        return None
+    try:
+        tps, warm, _, _, outs = _ours(model, prompts, new, max_batch, fused=True)
+    except Exception as err:  # report, don't hide
+        notes[f"{key}_fused_error"] = repr(err)[:300]
+        return None
+    same = sum(a == b for o, p in zip(outs, plain_outputs) for a, b in zip(o, p)) / sum(map(len, outs))
+    notes[f"{key}_fused_token_agreement"] = same
+    return tps, warm
+
+
+def _profile_step(model, prompt, new=64, fused=False) -> dict:
+    """Profile the bs1 decode loop: kernels launched per step, GPU kernel time per step vs wall time per step."""
+    import contextlib
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from .. import patches
+    from ..generation.engine import DecodeEngine
+    from ..generation.sampling import SamplingParams
+
+    ctx = patches.applied("fused_layers") if fused else contextlib.nullcontext()
+    with ctx:
+        engine = DecodeEngine(model, max_batch=1, max_tokens=len(prompt) + new + 64, sync_every=16)
+        params = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
+        engine.generate([prompt], params)
+        _, wall = _timed(lambda: engine.generate([prompt], params))
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            engine.generate([prompt], params)
+    rows = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
+    kernel_us = sum(e.self_device_time_total for e in rows)
+    launches = sum(e.count for e in rows)
+    steps = new - 1  # the first token comes from the prefill
+    top = sorted(rows, key=lambda e: -e.self_device_time_total)[:8]
+    return {
+        "fused_layers": fused, "step_ms_wall": 1e3 * wall / new, "kernels_per_step": launches / steps,
+        "kernel_ms_per_step": kernel_us / 1e3 / steps,
+        "top_kernels": [(e.key[:60], round(e.self_device_time_total / steps, 1), e.count // steps) for e in top],
+    }
 
 
 def _hf_generate(model, prompts, new, pad_id):
@@ -134,7 +185,8 @@ def run(out_dir="docs/benchmarks", quick=False, with_compile=False) -> dict:
 
     # batch 1
     chat = _prompts(vocab, 1, 40, 40, seed=1)
-    ours1, warm1, _, stats1 = _ours(model, chat, new, max_batch=1)
+    ours1, warm1, _, stats1, outs1 = _ours(model, chat, new, max_batch=1)
+    fused1 = _ours_fused(model, chat, new, 1, outs1, notes, "bs1")
     eager1 = _hf_generate(model, chat, 32 if not quick else 8, pad)
     anchors = {"hf_eager": eager1}
     if with_compile:
@@ -144,11 +196,20 @@ def run(out_dir="docs/benchmarks", quick=False, with_compile=False) -> dict:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa").cuda().eval()
     rows.append({"case": f"SmolLM2 bs1 greedy {new} new", "ours": ours1, "anchors": anchors,
                  "ours_warmup_s": warm1})
+    for fused in (False, True) if fused1 else (False,):
+        try:
+            notes[f"profile_bs1{'_fused' if fused else ''}"] = _profile_step(model, chat[0], fused=fused)
+        except Exception as err:
+            notes[f"profile_bs1{'_fused' if fused else ''}_error"] = repr(err)[:300]
+    if fused1:
+        rows.append({"case": f"SmolLM2 bs1 greedy {new} new, fused_layers", "ours": fused1[0], "anchors": anchors,
+                     "ours_warmup_s": fused1[1]})
     print(rows[-1], flush=True)
 
     # 64 requests
     reqs = _prompts(vocab, 8 if quick else 64, 32, 512, seed=2)
-    ours64, warm64, t64, stats64 = _ours(model, reqs, new, max_batch=64)
+    ours64, warm64, t64, stats64, outs64 = _ours(model, reqs, new, max_batch=64)
+    fused64 = _ours_fused(model, reqs, new, 64, outs64, notes, "batch64")
     anchors64 = {}
     try:
         anchors64["generate_batch"] = _hf_generate_batch(model, reqs, new)
@@ -157,6 +218,9 @@ def run(out_dir="docs/benchmarks", quick=False, with_compile=False) -> dict:
     anchors64["hf_padded_generate"] = _hf_generate(model, reqs, new, pad)
     rows.append({"case": f"SmolLM2 {len(reqs)} requests prompts 32-512, {new} new", "ours": ours64,
                  "anchors": anchors64, "ours_warmup_s": warm64})
+    if fused64:
+        rows.append({"case": f"SmolLM2 {len(reqs)} requests prompts 32-512, {new} new, fused_layers",
+                     "ours": fused64[0], "anchors": anchors64, "ours_warmup_s": fused64[1]})
     print(rows[-1], flush=True)
 
     # 1B-class Llama, batch 1
@@ -164,12 +228,18 @@ def run(out_dir="docs/benchmarks", quick=False, with_compile=False) -> dict:
     torch.cuda.empty_cache()
     big = _llama_1b()
     weight_bytes = sum(p.numel() * p.element_size() for p in big.parameters())
-    ours_b, warm_b, t_b, _ = _ours(big, _prompts(128000, 1, 64, 64, seed=3), 128 if not quick else 32, max_batch=1)
-    step_s = 1.0 / ours_b
-    rows.append({"case": "Llama-1B shape (random init) bs1 greedy", "ours": ours_b, "anchors": {},
-                 "ours_warmup_s": warm_b, "step_ms": 1e3 * step_s,
-                 "hbm_fraction_of_copy": weight_bytes / step_s / 1e12 / copy_tbps,
-                 "weight_gb": weight_bytes / 1e9})
+    big_prompt = _prompts(128000, 1, 64, 64, seed=3)
+    big_new = 128 if not quick else 32
+    ours_b, warm_b, t_b, _, outs_b = _ours(big, big_prompt, big_new, max_batch=1)
+    for label, tps, warm in [("", ours_b, warm_b), (", fused_layers", *(_ours_fused(
+            big, big_prompt, big_new, 1, outs_b, notes, "llama1b") or (None, None)))]:
+        if tps is None:
+            continue
+        step_s = 1.0 / tps
+        rows.append({"case": f"Llama-1B shape (random init) bs1 greedy{label}", "ours": tps, "anchors": {},
+                     "ours_warmup_s": warm, "step_ms": 1e3 * step_s,
+                     "hbm_fraction_of_copy": weight_bytes / step_s / 1e12 / copy_tbps,
+                     "weight_gb": weight_bytes / 1e9})
     print(rows[-1], flush=True)
 
     result = {
