@@ -18,6 +18,7 @@ from contextlib import contextmanager
 
 from . import fast_generate as _fast_generate  # noqa: F401  (registers itself)
 from . import flash_attention_2 as _flash_attention_2  # noqa: F401  (registers itself)
+from . import fused_layers as _fused_layers  # noqa: F401
 from .core import REGISTRY, Patch, PatchSet, get, register
 
 __all__ = ["Patch", "PatchSet", "apply", "revert", "applied", "active", "available", "register", "get"]
