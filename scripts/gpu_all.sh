@@ -19,7 +19,7 @@ timeout ${GPU_TEST_TIMEOUT:-200} $PY -m pytest -m gpu $TESTS -q -p no:cacheprovi
 TEST_RC=${PIPESTATUS[0]}
 timeout ${BENCH_TIMEOUT:-200} hf-efficient bench generate --out "$OUT/bench" 2>&1 | tee "$OUT/bench_generate.log" | tail -n 12
 GEN_RC=${PIPESTATUS[0]}
-timeout ${SFT_TIMEOUT:-150} $PY -m hf_efficient.bench.sft_parity --out "$OUT/bench" 2>&1 | tee "$OUT/bench_sft.log" | tail -n 5
+timeout ${SFT_TIMEOUT:-240} $PY -m hf_efficient.bench.sft_parity --out "$OUT/bench" 2>&1 | tee "$OUT/bench_sft.log" | tail -n 5
 SFT_RC=${PIPESTATUS[0]}
 echo "== summary: gpu tests rc=$TEST_RC bench generate rc=$GEN_RC sft_parity rc=$SFT_RC"
 grep -E "passed|failed" "$OUT/gpu_tests.log" | tail -n 2

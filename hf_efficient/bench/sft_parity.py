@@ -75,7 +75,9 @@ def _train(path, attn: str, batches, lr: float):
         batch = {k: v.cuda() for k, v in batch.items()}
         torch.cuda.synchronize()
         t = time.perf_counter()
-        loss = model(**batch).loss
+        # use_cache=False: with a cache object present, transformers' sdpa path does not detect the packed
+        # sequences in position_ids and attends across them (hf_efficient's attention handles both cases).
+        loss = model(**batch, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -315,7 +315,8 @@ def test_ops_bf16_cuda(dtype):
     q, k, cos, sin = (t.cuda().to(dtype) for t in (q64, k64, cos64, sin64))
     for out, ref, exact in zip(rope.rope(q, k, cos, sin), rope_reference(q, k, cos, sin),
                                rope_reference(q64, k64, cos64, sin64)):
-        assert torch.equal(out, ref)  # products and sum rounded as PyTorch does
+        # On the GPU the compiler may contract a product and a sum into one FMA (one rounding instead of two),
+        # so the fused rotary is held to the accuracy rule here rather than to bit equality with PyTorch.
         _assert_accurate(out, ref, exact.cuda())
 
 
