@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("area", choices=BENCH_AREAS)
     bench.add_argument("--out", default="docs/benchmarks", help="output root (default: docs/benchmarks)")
     bench.add_argument("--quick", action="store_true", help="fewer sizes (smoke run)")
+    bench.add_argument("--with-compile", action="store_true",
+                       help="generate: also time transformers' static cache + torch.compile (~100 s of compiling)")
     return parser
 
 
@@ -176,6 +178,10 @@ def _generate_engine(model, tokenizer, prompt_ids: list[int], args) -> int:
 def _cmd_bench(args) -> int:
     module = importlib.import_module(f"hf_efficient.bench.{args.area}")
     argv = ["--out", args.out] + (["--quick"] if args.quick else [])
+    if args.with_compile:
+        if args.area != "generate":
+            raise SystemExit("hf-efficient bench: error: --with-compile applies to 'generate' only")
+        argv.append("--with-compile")
     return int(module.main(argv) or 0)
 
 

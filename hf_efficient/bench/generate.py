@@ -53,7 +53,7 @@ def _prompts(vocab: int, n: int, lo: int, hi: int, seed: int = 0) -> list[list[i
     return [[rng.randrange(100, vocab - 100) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
-def _ours(model, prompts, new, max_batch, fused=False):
+def _ours(model, prompts, new, max_batch, fused=False, **engine_kw):
     import contextlib
 
     from .. import patches
@@ -63,7 +63,7 @@ def _ours(model, prompts, new, max_batch, fused=False):
     ctx = patches.applied("fused_layers") if fused else contextlib.nullcontext()
     with ctx:
         total = sum(len(p) for p in prompts) + len(prompts) * (new + 32)
-        engine = DecodeEngine(model, max_batch=max_batch, max_tokens=total, sync_every=16)
+        engine = DecodeEngine(model, max_batch=max_batch, max_tokens=total, sync_every=16, **engine_kw)
         params = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
         _, warm = _timed(lambda: engine.generate(prompts, params))  # captures graphs, compiles kernels
         groups, t = _timed(lambda: engine.generate(prompts, params))
@@ -72,24 +72,33 @@ def _ours(model, prompts, new, max_batch, fused=False):
     return tokens / t, warm, t, engine.stats, [r.output for g in groups for r in g]
 
 
-def _ours_fused(model, prompts, new, max_batch, plain_outputs, notes, key):
-    """The engine with the fused_layers patch; records its speed and whether its greedy tokens match."""
+#: engine variants measured beside the default (native decode step where the model allows it)
+VARIANTS = {
+    "model forward": dict(native=False),
+    "model forward + fused_layers": dict(native=False, fused=True),
+}
+
+
+def _variant(model, prompts, new, max_batch, base_outputs, notes, key, label, kw):
+    """One engine variant: its speed, warm-up and greedy-token agreement with the default engine."""
     from .. import patches
 
-    if "fused_layers" not in patches.available():
+    if kw.get("fused") and "fused_layers" not in patches.available():
         return None
     try:
-        tps, warm, _, _, outs = _ours(model, prompts, new, max_batch, fused=True)
+        tps, warm, _, stats, outs = _ours(model, prompts, new, max_batch, **kw)
     except Exception as err:  # report, don't hide
-        notes[f"{key}_fused_error"] = repr(err)[:300]
+        notes[f"{key} [{label}] error"] = repr(err)[:300]
         return None
-    same = sum(a == b for o, p in zip(outs, plain_outputs) for a, b in zip(o, p)) / sum(map(len, outs))
-    notes[f"{key}_fused_token_agreement"] = same
+    same = sum(a == b for o, p in zip(outs, base_outputs) for a, b in zip(o, p)) / sum(map(len, outs))
+    notes[f"{key} [{label}] token agreement with default"] = same
     return tps, warm
 
 
-def _profile_step(model, prompt, new=64, fused=False) -> dict:
-    """Profile the bs1 decode loop: kernels launched per step, GPU kernel time per step vs wall time per step."""
+def _profile_step(model, prompt, new=64, **kw) -> dict:
+    """Profile the bs1 decode loop: kernels launched per step, GPU kernel time per step vs wall time per step.
+
+    Wall time is of a separate un-profiled run of ``new`` tokens and includes its prefill."""
     import contextlib
 
     from torch.profiler import ProfilerActivity, profile
@@ -98,9 +107,10 @@ def _profile_step(model, prompt, new=64, fused=False) -> dict:
     from ..generation.engine import DecodeEngine
     from ..generation.sampling import SamplingParams
 
+    fused = kw.pop("fused", False)
     ctx = patches.applied("fused_layers") if fused else contextlib.nullcontext()
     with ctx:
-        engine = DecodeEngine(model, max_batch=1, max_tokens=len(prompt) + new + 64, sync_every=16)
+        engine = DecodeEngine(model, max_batch=1, max_tokens=len(prompt) + new + 64, sync_every=16, **kw)
         params = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
         engine.generate([prompt], params)
         _, wall = _timed(lambda: engine.generate([prompt], params))
@@ -110,11 +120,12 @@ def _profile_step(model, prompt, new=64, fused=False) -> dict:
     kernel_us = sum(e.self_device_time_total for e in rows)
     launches = sum(e.count for e in rows)
     steps = new - 1  # the first token comes from the prefill
-    top = sorted(rows, key=lambda e: -e.self_device_time_total)[:8]
+    top = sorted(rows, key=lambda e: -e.self_device_time_total)[:12]
     return {
-        "fused_layers": fused, "step_ms_wall": 1e3 * wall / new, "kernels_per_step": launches / steps,
-        "kernel_ms_per_step": kernel_us / 1e3 / steps,
-        "top_kernels": [(e.key[:60], round(e.self_device_time_total / steps, 1), e.count // steps) for e in top],
+        "fused_layers": fused, "native": engine.stats.native_reason is None, "step_ms_wall": 1e3 * wall / new,
+        "kernels_per_step": launches / steps, "kernel_ms_per_step": kernel_us / 1e3 / steps,
+        "top_kernels": [(e.key[:60], round(e.self_device_time_total / steps, 1), round(e.count / steps, 2))
+                        for e in top],
     }
 
 
@@ -186,7 +197,7 @@ def run(out_dir="docs/benchmarks", quick=False, with_compile=False) -> dict:
     # batch 1
     chat = _prompts(vocab, 1, 40, 40, seed=1)
     ours1, warm1, _, stats1, outs1 = _ours(model, chat, new, max_batch=1)
-    fused1 = _ours_fused(model, chat, new, 1, outs1, notes, "bs1")
+    notes["native_reason_smollm2"] = stats1.native_reason
     eager1 = _hf_generate(model, chat, 32 if not quick else 8, pad)
     anchors = {"hf_eager": eager1}
     if with_compile:
@@ -194,33 +205,35 @@ def run(out_dir="docs/benchmarks", quick=False, with_compile=False) -> dict:
         anchors["hf_static_compile"] = comp
         notes["hf_static_compile_first_call_s"] = first
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa").cuda().eval()
-    rows.append({"case": f"SmolLM2 bs1 greedy {new} new", "ours": ours1, "anchors": anchors,
-                 "ours_warmup_s": warm1})
-    for fused in (False, True) if fused1 else (False,):
+    case1 = f"SmolLM2 bs1 greedy {new} new"
+    rows.append({"case": case1, "ours": ours1, "anchors": anchors, "ours_warmup_s": warm1})
+    for label, kw in VARIANTS.items():
+        if (res := _variant(model, chat, new, 1, outs1, notes, case1, label, kw)) is not None:
+            rows.append({"case": f"{case1} [{label}]", "ours": res[0], "anchors": anchors, "ours_warmup_s": res[1]})
+    for label, kw in [("default", {}), *VARIANTS.items()]:
         try:
-            notes[f"profile_bs1{'_fused' if fused else ''}"] = _profile_step(model, chat[0], fused=fused)
+            notes[f"profile bs1 [{label}]"] = _profile_step(model, chat[0], **dict(kw))
         except Exception as err:
-            notes[f"profile_bs1{'_fused' if fused else ''}_error"] = repr(err)[:300]
-    if fused1:
-        rows.append({"case": f"SmolLM2 bs1 greedy {new} new, fused_layers", "ours": fused1[0], "anchors": anchors,
-                     "ours_warmup_s": fused1[1]})
+            notes[f"profile bs1 [{label}] error"] = repr(err)[:300]
     print(rows[-1], flush=True)
 
     # 64 requests
     reqs = _prompts(vocab, 8 if quick else 64, 32, 512, seed=2)
     ours64, warm64, t64, stats64, outs64 = _ours(model, reqs, new, max_batch=64)
-    fused64 = _ours_fused(model, reqs, new, 64, outs64, notes, "batch64")
     anchors64 = {}
     try:
         anchors64["generate_batch"] = _hf_generate_batch(model, reqs, new)
     except Exception as err:  # report, don't hide
         notes["generate_batch_error"] = repr(err)[:300]
     anchors64["hf_padded_generate"] = _hf_generate(model, reqs, new, pad)
-    rows.append({"case": f"SmolLM2 {len(reqs)} requests prompts 32-512, {new} new", "ours": ours64,
-                 "anchors": anchors64, "ours_warmup_s": warm64})
-    if fused64:
-        rows.append({"case": f"SmolLM2 {len(reqs)} requests prompts 32-512, {new} new, fused_layers",
-                     "ours": fused64[0], "anchors": anchors64, "ours_warmup_s": fused64[1]})
+    case64 = f"SmolLM2 {len(reqs)} requests prompts 32-512, {new} new"
+    rows.append({"case": case64, "ours": ours64, "anchors": anchors64, "ours_warmup_s": warm64})
+    variants64 = dict(VARIANTS, **{"native up to batch 16": dict(native_max_batch=16),
+                                   "native up to batch 16 + fused_layers": dict(native_max_batch=16, fused=True)})
+    for label, kw in variants64.items():
+        if (res := _variant(model, reqs, new, 64, outs64, notes, case64, label, kw)) is not None:
+            rows.append({"case": f"{case64} [{label}]", "ours": res[0], "anchors": anchors64,
+                         "ours_warmup_s": res[1]})
     print(rows[-1], flush=True)
 
     # 1B-class Llama, batch 1
@@ -231,15 +244,21 @@ def run(out_dir="docs/benchmarks", quick=False, with_compile=False) -> dict:
     big_prompt = _prompts(128000, 1, 64, 64, seed=3)
     big_new = 128 if not quick else 32
     ours_b, warm_b, t_b, _, outs_b = _ours(big, big_prompt, big_new, max_batch=1)
-    for label, tps, warm in [("", ours_b, warm_b), (", fused_layers", *(_ours_fused(
-            big, big_prompt, big_new, 1, outs_b, notes, "llama1b") or (None, None)))]:
-        if tps is None:
-            continue
+    case_b = "Llama-1B shape (random init) bs1 greedy"
+    found = [("", ours_b, warm_b)]
+    for label, kw in VARIANTS.items():
+        if (res := _variant(big, big_prompt, big_new, 1, outs_b, notes, case_b, label, kw)) is not None:
+            found.append((f" [{label}]", *res))
+    for label, tps, warm in found:
         step_s = 1.0 / tps
-        rows.append({"case": f"Llama-1B shape (random init) bs1 greedy{label}", "ours": tps, "anchors": {},
+        rows.append({"case": f"{case_b}{label}", "ours": tps, "anchors": {},
                      "ours_warmup_s": warm, "step_ms": 1e3 * step_s,
                      "hbm_fraction_of_copy": weight_bytes / step_s / 1e12 / copy_tbps,
                      "weight_gb": weight_bytes / 1e9})
+    try:
+        notes["profile llama1b bs1 [default]"] = _profile_step(big, big_prompt[0], new=32)
+    except Exception as err:
+        notes["profile llama1b bs1 [default] error"] = repr(err)[:300]
     print(rows[-1], flush=True)
 
     result = {

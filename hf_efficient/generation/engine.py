@@ -18,6 +18,7 @@ step (in-place updates, as torch optimizers do) is seen by the next generation. 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -28,6 +29,8 @@ import torch
 
 from ..cache.allocator import CacheFullError
 from ..cache.paged import PagedCache, StepPlan
+from .native import NativeDecoder
+from .native import unsupported_reason as native_unsupported_reason
 from .sampling import BatchSampler, SamplingParams, StopStringMatcher
 
 logger = logging.getLogger(__name__)
@@ -70,6 +73,7 @@ class EngineStats:
     graph_capture_s: float = 0.0
     graph_buckets: list[int] = field(default_factory=list)
     eager_reason: str | None = None
+    native_reason: str | None = None  # why decode steps run the model's forward (None: native fused kernels)
 
 
 def _model_dims(model) -> tuple[int, int, int]:
@@ -92,6 +96,10 @@ class DecodeEngine:
         cuda_graphs: capture decode steps (default: when the model is on CUDA).
         sync_every: decode steps between host reads of the generated tokens.
         prefill_tokens: most prompt tokens prefilled in one forward.
+        native: decode steps through the engine's fused kernels (:mod:`~hf_efficient.generation.native`) rather
+            than the model's forward: ``None`` (default) when the model is supported, ``True`` requires it (a
+            ``ValueError`` says why not), ``False`` always runs the model's forward.
+        native_max_batch: largest batch bucket decoded natively (larger buckets run the model's forward).
     """
 
     def __init__(
@@ -103,6 +111,8 @@ class DecodeEngine:
         cuda_graphs: bool | None = None,
         sync_every: int = 8,
         prefill_tokens: int = 16384,
+        native: bool | None = None,
+        native_max_batch: int = 512,
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -161,6 +171,34 @@ class DecodeEngine:
         self._plans = {b: self._static_plan(b) for b in self.buckets}
         self._active: list[Request] = []  # slot i holds _active[i]
         self._next_rid = 0
+        # transformers >= 5.24 names the forward's cache argument `cache` (`past_key_values` is deprecated)
+        forward_args = inspect.signature(model.forward).parameters
+        self._cache_kw = {"cache" if "cache" in forward_args else "past_key_values": self.cache}
+        if native not in (None, True, False):
+            raise ValueError(f"native must be None, True or False, got {native!r}")
+        self.native_request, self.native_max_batch = native, native_max_batch
+        self._native: NativeDecoder | None = None
+        self._native_check()
+
+    def _native_check(self) -> None:
+        """(Re)decide the native decode path: the model may have gained adapters or hooks since the last call."""
+        if self.native_request is False:
+            reason = "disabled (native=False)"
+        else:
+            reason = native_unsupported_reason(self.model)
+            if reason is not None and self.native_request:
+                raise ValueError(f"native=True, but the native decode step cannot serve this model: {reason}")
+        if reason is None:
+            if self._native is None:
+                self._native = NativeDecoder(self.model, self.cache)
+                self._graphs.clear()
+        elif self._native is not None or self.stats.native_reason is None:
+            if self._native is not None:
+                self._graphs.clear()
+            self._native = None
+            if self.native_request is not False:
+                logger.info("decode steps run the model's forward: %s", reason)
+        self.stats.native_reason = reason
 
     # ------------------------------------------------------------------ public API
 
@@ -187,6 +225,7 @@ class DecodeEngine:
             groups.append(reqs)
             waiting.append(reqs)
         self._on_update = on_update
+        self._native_check()
         try:
             with _attention(self.model):
                 self._run(waiting, progress)
@@ -291,7 +330,7 @@ class DecodeEngine:
         out = self.model(
             input_ids=torch.tensor([ids], device=dev),
             position_ids=torch.cat(pos)[None].to(dev),
-            past_key_values=self.cache,
+            **self._cache_kw,
             use_cache=True,
             logits_to_keep=torch.tensor(last, device=dev),
         )
@@ -423,13 +462,19 @@ class DecodeEngine:
         self.seqlens_after[:b].copy_(pos + 1)
         blk = self.block_table[:b].gather(1, (pos // bs)[:, None]).squeeze(1).long()
         self.write_slots[:b].copy_(blk * bs + pos % bs)
-        self.cache.plan = plan
-        out = self.model(
-            input_ids=self.tokens[:b, None], position_ids=pos[:, None], past_key_values=self.cache,
-            use_cache=True, logits_to_keep=1,
-        )
+        if self._native is not None and b <= self.native_max_batch:
+            logits = self._native.forward(
+                self.tokens[:b], pos, self.write_slots[:b], self.seqlens_after[:b], self.block_table[:b]
+            )
+        else:
+            self.cache.plan = plan
+            out = self.model(
+                input_ids=self.tokens[:b, None], position_ids=pos[:, None], **self._cache_kw,
+                use_cache=True, logits_to_keep=1,
+            )
+            logits = out.logits[:, -1]
         tok, lp = self.sampler.sample(
-            out.logits[:, -1], slots=None, greedy_only=greedy_only, skip_penalty=skip_penalty,
+            logits, slots=None, greedy_only=greedy_only, skip_penalty=skip_penalty,
             candidates=candidates, logprobs="raw",
         )
         self.tokens[:b].copy_(tok)

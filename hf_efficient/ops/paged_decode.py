@@ -71,6 +71,7 @@ def paged_decode_reference(q, k_cache, v_cache, cache_seqlens, block_table=None,
         scores = scores - slopes.to(compute_dtype).view(B, H, 1, 1) * bias
     start = cache_leftpad.long().view(B, 1, 1) if cache_leftpad is not None else 0
     valid = (kpos < L) & (kpos >= start)
+    V = V.masked_fill(~valid.view(B, S, 1, 1), 0.0)  # slots past the sequence may hold anything, NaN included
     if window_left >= 0:
         valid = valid & (kpos >= qpos - window_left)
     if window_right >= 0:

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from greedy_compare import assert_close_greedy  # tests/generation is on sys.path (rootdir import mode)
 
 import hf_efficient
 from hf_efficient.generation.engine import DecodeEngine
@@ -23,12 +24,16 @@ def smollm2_bf16(smollm2_path):
     return AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.bfloat16, attn_implementation="sdpa").cuda().eval()
 
 
+@pytest.mark.parametrize("native", [None, False], ids=["native", "model_forward"])
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_graph_replay_is_bitwise_identical_to_eager(smollm2_bf16, temperature):
+def test_graph_replay_is_bitwise_identical_to_eager(smollm2_bf16, temperature, native):
     prompts = _prompts([40, 7, 130, 19, 64], smollm2_bf16.config.vocab_size)
     params = SamplingParams(temperature=temperature, top_p=0.95, max_tokens=48, seed=11, ignore_eos=True)
-    graph = DecodeEngine(smollm2_bf16, max_batch=8, max_tokens=8192, cuda_graphs=True).generate(prompts, params)
-    eager = DecodeEngine(smollm2_bf16, max_batch=8, max_tokens=8192, cuda_graphs=False).generate(prompts, params)
+    kw = dict(max_batch=8, max_tokens=8192, native=native)
+    graph_engine = DecodeEngine(smollm2_bf16, cuda_graphs=True, **kw)
+    assert (graph_engine.stats.native_reason is None) == (native is None), graph_engine.stats.native_reason
+    graph = graph_engine.generate(prompts, params)
+    eager = DecodeEngine(smollm2_bf16, cuda_graphs=False, **kw).generate(prompts, params)
     for (a,), (b,) in zip(graph, eager):
         assert a.output == b.output
         assert a.logprobs == b.logprobs
@@ -55,13 +60,14 @@ def _teacher_forced_logprobs(model, prompt, tokens, attn):
     return lp.cpu()
 
 
-def test_greedy_logprobs_within_bf16_noise_of_transformers(smollm2_bf16, smollm2_tokenizer):
+@pytest.mark.parametrize("native", [None, False], ids=["native", "model_forward"])
+def test_greedy_logprobs_within_bf16_noise_of_transformers(smollm2_bf16, smollm2_tokenizer, native):
     """Each chosen token's logprob vs transformers (sdpa), within 2x the sdpa-vs-eager difference (the bf16 noise
     floor measured on the same tokens); the first greedy divergence from transformers' generate is reported."""
     model = smollm2_bf16
     prompts = _chat(smollm2_tokenizer, CHATS)
     new = 64
-    groups = DecodeEngine(model, max_batch=4, max_tokens=4096).generate(
+    groups = DecodeEngine(model, max_batch=4, max_tokens=4096, native=native).generate(
         prompts, SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
     )
     report = []
@@ -80,7 +86,7 @@ def test_greedy_logprobs_within_bf16_noise_of_transformers(smollm2_bf16, smollm2
             assert err <= 2 * noise + 0.02, report[-1]
     finally:
         model.set_attn_implementation("sdpa")
-        print("engine vs transformers (sdpa), bf16:", report)
+        print(f"engine ({'native' if native is None else 'model forward'}) vs transformers (sdpa), bf16:", report)
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma2"])
@@ -91,6 +97,10 @@ def test_tiny_families_on_gpu_graphs(family):
     a = DecodeEngine(model, max_batch=4, max_tokens=1024, block_size=16, cuda_graphs=True).generate(prompts, params)
     b = DecodeEngine(model, max_batch=4, max_tokens=1024, block_size=16, cuda_graphs=False).generate(prompts, params)
     assert [g[0].output for g in a] == [g[0].output for g in b]
+    # the native decode step (llama/mistral/qwen2) vs the model's forward: same tokens up to near-ties
+    c = DecodeEngine(model, max_batch=4, max_tokens=1024, block_size=16, native=False).generate(prompts, params)
+    assert_close_greedy([g[0] for g in a], [g[0] for g in c])
+
 
 
 def test_paged_cache_decode_matches_dynamic_cache_bf16(smollm2_bf16, smollm2_tokenizer):

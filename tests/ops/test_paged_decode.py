@@ -103,6 +103,35 @@ def naive(q, k, v, seqlens, table, scale, softcap=0.0, wl=-1, wr=0):
     return out
 
 
+def _nan_outside(k, v, table, seqlens):
+    """Pool copies whose slots outside every sequence hold NaN (unwritten cache memory may hold anything)."""
+    bs = k.shape[1]
+    keep = torch.zeros(k.shape[0] * bs, dtype=torch.bool, device=k.device)
+    for b, n in enumerate(seqlens.tolist()):
+        pos = torch.arange(n, device=k.device)
+        keep[table[b, pos // bs].long() * bs + pos % bs] = True
+    nan = torch.tensor(float("nan"), dtype=k.dtype, device=k.device)
+    mask = keep.view(k.shape[0], bs, 1, 1)
+    return torch.where(mask, k, nan), torch.where(mask, v, nan)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
+def test_slots_past_the_sequence_are_never_read(backend, device, monkeypatch):
+    if backend == "cuda" and device != "cuda":
+        pytest.skip("needs a CUDA GPU")
+    monkeypatch.setenv("HF_EFFICIENT_PAGED_DECODE_BACKEND", backend)
+    dtype = torch.float16
+    gen = torch.Generator().manual_seed(5)
+    k, v, table, seqlens = make_cache([1, 6, 16, 17, 40], 2, 64, 16, dtype, device, gen=gen)
+    k_nan, v_nan = _nan_outside(k, v, table, seqlens)
+    q = torch.randn(5, 1, 6, 64, generator=gen).to(dtype).to(device)
+    if backend == "reference":
+        out = pd.paged_decode_reference(q, k_nan, v_nan, seqlens, table)[0]
+    else:
+        out = pd.paged_decode(q, k_nan, v_nan, seqlens, table)
+    assert_close(out, q, k, v, seqlens, table, window_right=0)
+
+
 @pytest.mark.parametrize("softcap,window", [(0.0, (-1, 0)), (30.0, (5, 0)), (0.0, (-1, -1))])
 def test_reference_matches_naive_loop(softcap, window):
     g = torch.Generator().manual_seed(0)

@@ -1,0 +1,144 @@
+"""The engine's native decode step for Llama-family models: six fused kernels per decoder layer.
+
+At small batch a decode step is bound by kernel launches, not bytes: transformers' modules issue ~17 kernels per
+layer. For the families below the engine computes the decode step itself from the model's own parameters (read
+from its modules at every call, so in-place optimizer updates are seen and nothing is copied):
+
+=====================================  ======================================================================
+kernel                                 replaces
+=====================================  ======================================================================
+:func:`~hf_efficient.ops.decode_linear.norm_linear`       input RMSNorm, q/k/v projections (+ biases)
+:func:`~hf_efficient.ops.decode_linear.rope_store`        rotary embedding of q and k, K/V write into the pages
+:func:`~hf_efficient.ops.paged_decode.paged_decode`       attention over the paged cache (CUDA kernel)
+:func:`~hf_efficient.ops.decode_linear.linear_residual`   o projection + residual add
+``norm_linear``                                          post-attention RMSNorm, gate/up projections
+``linear_residual`` (SiLU-mul prologue)                   SiLU(gate) * up, down projection + residual add
+=====================================  ======================================================================
+
+plus the embedding lookup and the final norm + LM head (one ``norm_linear``). Prefill keeps running through the
+model's own forward. :func:`unsupported_reason` says why a model is not served natively (other families, PEFT
+adapters or other wrapped projections, module hooks, dynamic rotary scaling, ...); the engine then runs the
+model's forward for decode too.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops.decode_linear import kernels_usable, linear_residual, norm_linear, rope_store
+
+FAMILIES = ("llama", "mistral", "qwen2")
+_STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+
+
+def _plain_linear(mod, name: str, bias_ok: bool = False) -> str | None:
+    if type(mod) is not torch.nn.Linear:
+        return f"{name} is a {type(mod).__name__}, not a plain nn.Linear (adapters or quantized layers)"
+    if mod.bias is not None and not bias_ok:
+        return f"{name} has a bias"
+    return None
+
+
+def unsupported_reason(model) -> str | None:
+    """Why the native decode step cannot serve ``model`` (None when it can)."""
+    cfg = model.config.get_text_config(decoder=True)
+    kind = getattr(cfg, "model_type", None)
+    if kind not in FAMILIES:
+        return f"model type {kind!r} (native decode serves {', '.join(FAMILIES)})"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"hidden_act {cfg.hidden_act!r} (needs silu)"
+    if getattr(cfg, "final_logit_softcapping", None):
+        return "final logit softcapping"
+    base = model.get_decoder() if hasattr(model, "get_decoder") else None
+    parts = ("embed_tokens", "layers", "norm", "rotary_emb")
+    if base is None or any(not hasattr(base, p) for p in parts):
+        return "the decoder does not expose embed_tokens/layers/norm/rotary_emb"
+    if type(base.embed_tokens) is not torch.nn.Embedding:
+        return f"embed_tokens is a {type(base.embed_tokens).__name__}"
+    rot = base.rotary_emb
+    if getattr(rot, "rope_type", "default") not in _STATIC_ROPE:
+        return f"rope_type {rot.rope_type!r} updates its frequencies at run time"
+    head = model.get_output_embeddings()
+    if (why := _plain_linear(head, "lm_head")) is not None:
+        return why
+    for mod in model.modules():
+        if mod._forward_hooks or mod._forward_pre_hooks or hasattr(mod, "_hf_hook"):
+            return f"a {type(mod).__name__} module has forward hooks"
+    for i, layer in enumerate(base.layers):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if attn is None or mlp is None:
+            return f"layer {i} lacks self_attn/mlp"
+        for name in ("q_proj", "k_proj", "v_proj"):
+            if (why := _plain_linear(getattr(attn, name, None), f"layers[{i}].self_attn.{name}", True)):
+                return why
+        checks = [(attn, "o_proj"), (mlp, "gate_proj"), (mlp, "up_proj"), (mlp, "down_proj")]
+        for owner, name in checks:
+            if (why := _plain_linear(getattr(owner, name, None), f"layers[{i}].{name}")) is not None:
+                return why
+        if getattr(mlp, "act_fn", None) is not None and type(mlp.act_fn).__name__ not in ("SiLU", "SiLUActivation"):
+            return f"layers[{i}].mlp activation is {type(mlp.act_fn).__name__}"
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            norm = getattr(layer, name, None)
+            if norm is None or not type(norm).__name__.endswith("RMSNorm") or not hasattr(norm, "variance_epsilon"):
+                return f"layers[{i}].{name} is not an RMSNorm"
+        if any(hasattr(attn, n) for n in ("q_norm", "k_norm", "sinks")):
+            return "attention with q/k norms or sinks"
+    first = next(model.parameters())
+    if first.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {first.dtype} (needs float16 or bfloat16)"
+    if not kernels_usable(first):
+        return f"the fused kernels cannot run on {first.device}"
+    for p in model.parameters():
+        if p.dtype != first.dtype or p.device != first.device:
+            return "parameters of mixed dtypes or devices"
+    return None
+
+
+class NativeDecoder:
+    """One decode token per sequence through fused kernels; see the module docstring.
+
+    Args:
+        model: a causal LM for which :func:`unsupported_reason` returns None.
+        cache: the engine's :class:`~hf_efficient.cache.PagedCache` (pools initialised).
+    """
+
+    def __init__(self, model, cache):
+        cfg = model.config.get_text_config(decoder=True)
+        self.model, self.cache = model, cache
+        self.base = model.get_decoder()
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        windows = []
+        for layer in self.base.layers:
+            w = getattr(layer.self_attn, "sliding_window", None)
+            if w is None and cfg.model_type == "mistral":
+                w = getattr(cfg, "sliding_window", None)
+            windows.append((w - 1, w - 1) if w else (-1, -1))
+        self.windows = windows
+
+    def forward(self, tokens, positions, slots, seqlens, block_table) -> torch.Tensor:
+        """tokens/positions ``(b,)`` int64, slots ``(b,)`` int64 flat cache slot of each new token, seqlens ``(b,)``
+        int32 keys per sequence including the new one, block_table ``(b, max_blocks)`` int32. Returns logits
+        ``(b, vocab)`` in the model dtype. No host synchronisation (CUDA-graph safe)."""
+        from ..ops.paged_decode import paged_decode
+
+        base, b = self.base, tokens.shape[0]
+        h_, hk, d = self.heads, self.kv_heads, self.head_dim
+        rot = base.rotary_emb
+        scaling = float(getattr(rot, "attention_scaling", 1.0))
+        h = torch.nn.functional.embedding(tokens, base.embed_tokens.weight)
+        for i, layer in enumerate(base.layers):
+            attn, mlp, pool = layer.self_attn, layer.mlp, self.cache.layers[i]
+            ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
+            projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+            biases = [p.bias for p in projs] if any(p.bias is not None for p in projs) else None
+            qkv = norm_linear(h, [p.weight for p in projs], ln1.weight, ln1.variance_epsilon, biases)
+            q = rope_store(qkv, positions, rot.inv_freq, scaling, h_, hk, pool.k_pool, pool.v_pool, slots)
+            o = paged_decode(q.view(b, 1, h_, d), pool.k_pool, pool.v_pool, seqlens, block_table,
+                             softmax_scale=attn.scaling, causal=True, window_size=self.windows[i])
+            linear_residual(o.view(b, h_ * d), attn.o_proj.weight, h, out=h)
+            gu = norm_linear(h, [mlp.gate_proj.weight, mlp.up_proj.weight], ln2.weight, ln2.variance_epsilon)
+            linear_residual(gu, mlp.down_proj.weight, h, silu_mul=True, out=h)
+        return norm_linear(h, [self.model.get_output_embeddings().weight], base.norm.weight,
+                           base.norm.variance_epsilon)

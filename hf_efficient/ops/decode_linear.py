@@ -1,0 +1,410 @@
+"""Fused projections for small-batch decode: fewer, larger kernels per decoder layer.
+
+At batch 1-16 a decoder layer is launch-latency bound: transformers' modules issue ~17 kernels per layer (norms,
+three projections, rotary, cache write, attention, output projection, residual adds, MLP), each a few microseconds
+of mostly idle GPU. These ops merge them into four, each reading the layer's weights once:
+
+* :func:`norm_linear` — RMSNorm of the rows folded into the prologue of one or more projections that share the
+  input (q/k/v, or gate/up), written side by side into one output, optional biases. The weights stay separate
+  tensors (the model's own parameters, no concatenated copy).
+* :func:`linear_residual` — a projection whose input is optionally ``silu(gate) * up`` (computed on the fly from
+  the ``[gate | up]`` output of :func:`norm_linear`) and whose output is added to the residual stream in place.
+* :func:`rope_store` — rotary embedding of q and k computed from the positions and ``inv_freq`` in the kernel,
+  rotated q written out, rotated k and v written to their paged-cache slots.
+
+Rounding follows transformers' module order (norm in fp32, cast, times weight; SiLU output rounded before the
+product; the projection rounded before the residual add), so results match the modules to bf16 noise.
+
+Every op has a plain-PyTorch reference (CPU path and test oracle). Shapes: ``M`` rows (tokens), ``K`` input
+features, ``N`` output features; weights are ``(N, K)`` like ``nn.Linear``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .rmsnorm import fusable, new_output
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - Linux installs carry triton
+    triton = None
+
+__all__ = [
+    "norm_linear", "norm_linear_reference", "linear_residual", "linear_residual_reference",
+    "rope_store", "rope_store_reference", "kernels_usable",
+]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def kernels_usable(*tensors: torch.Tensor) -> bool:
+    """The Triton kernels can take these tensors (CUDA, or CPU under the interpreter without bf16)."""
+    return triton is not None and fusable(*tensors)
+
+
+# ----------------------------------------------------------------------------------------------
+# References
+# ----------------------------------------------------------------------------------------------
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def norm_linear_reference(x, weights, norm_weight=None, eps=1e-6, biases=None):
+    """``cat([rms_norm(x) @ W.T + b for W, b in zip(weights, biases)], -1)``; x ``(M, K)``."""
+    h = _rms(x, norm_weight, eps) if norm_weight is not None else x
+    biases = biases or [None] * len(weights)
+    return torch.cat([torch.nn.functional.linear(h, w, b) for w, b in zip(weights, biases)], dim=-1)
+
+
+def linear_residual_reference(x, weight, residual=None, silu_mul=False):
+    """``residual + act(x) @ W.T`` where act is identity, or ``silu(x[:, :K]) * x[:, K:]`` when ``silu_mul``."""
+    if silu_mul:
+        k = x.shape[-1] // 2
+        x = torch.nn.functional.silu(x[..., :k]) * x[..., k:]
+    y = torch.nn.functional.linear(x, weight)
+    return y if residual is None else residual + y
+
+
+def _rotate(x, cos, sin):
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rot * sin
+
+
+def rope_store_reference(qkv, positions, inv_freq, scaling, nheads, nheads_k, k_pool, v_pool, slots):
+    """Returns rotated q ``(M, nheads, D)``; writes rotated k and v rows to the pools at ``slots``."""
+    m = qkv.shape[0]
+    d = k_pool.shape[-1]
+    freqs = positions.float()[:, None] * inv_freq.float()[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos = (emb.cos() * scaling).to(qkv.dtype)[:, None, :]
+    sin = (emb.sin() * scaling).to(qkv.dtype)[:, None, :]
+    q = qkv[:, : nheads * d].view(m, nheads, d)
+    k = qkv[:, nheads * d: (nheads + nheads_k) * d].view(m, nheads_k, d)
+    v = qkv[:, (nheads + nheads_k) * d: (nheads + 2 * nheads_k) * d].view(m, nheads_k, d)
+    k_pool.view(-1, nheads_k, d).index_copy_(0, slots, _rotate(k, cos, sin).to(k_pool.dtype))
+    v_pool.view(-1, nheads_k, d).index_copy_(0, slots, v.to(v_pool.dtype))
+    return _rotate(q, cos, sin)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _norm_linear_kernel(
+        X, NW, W0, W1, W2, B0, B1, B2, Y,
+        M, K, N0, N1, T0, T1, N2, sxm, sym, eps,
+        HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        # Output tiles run over W0's rows, then W1's, then W2's; a tile never straddles two weights.
+        if pid_n < T0:
+            w_ptr = W0
+            b_ptr = B0
+        elif pid_n < T0 + T1:
+            w_ptr = W1
+            b_ptr = B1
+        else:
+            w_ptr = W2
+            b_ptr = B2
+        in1 = pid_n >= T0
+        in2 = pid_n >= T0 + T1
+        tile = pid_n - tl.where(in2, T0 + T1, tl.where(in1, T0, 0))
+        n_size = tl.where(in2, N2, tl.where(in1, N1, N0))
+        col0 = tl.where(in2, N0 + N1, tl.where(in1, N0, 0))
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        m_ok = rm < M
+        n_ok = rn < n_size
+        dt = Y.dtype.element_ty
+        if HAS_NORM:
+            ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + rk
+                x = tl.load(X + rm[:, None] * sxm + kk[None, :], mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
+                xf = x.to(tl.float32)
+                ss += tl.sum(xf * xf, axis=1)
+            r = 1.0 / tl.sqrt(ss / K + eps)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            k_ok = kk < K
+            x = tl.load(X + rm[:, None] * sxm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            if HAS_NORM:
+                nw = tl.load(NW + kk, mask=k_ok, other=0.0)
+                xn = (x.to(tl.float32) * r[:, None]).to(dt)
+                x = (nw.to(tl.float32)[None, :] * xn.to(tl.float32)).to(dt)
+            w = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            if IEEE:
+                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w))
+        if HAS_BIAS:
+            b = tl.load(b_ptr + rn, mask=n_ok, other=0.0)
+            acc += b.to(tl.float32)[None, :]
+        tl.store(Y + rm[:, None] * sym + (col0 + rn)[None, :], acc.to(dt), mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _linear_residual_kernel(
+        X, W, R, Y, M, K, N, sxm, srm, sym,
+        SILU_MUL: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        m_ok = rm < M
+        n_ok = rn < N
+        dt = Y.dtype.element_ty
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            k_ok = kk < K
+            xm = m_ok[:, None] & k_ok[None, :]
+            x = tl.load(X + rm[:, None] * sxm + kk[None, :], mask=xm, other=0.0)
+            if SILU_MUL:
+                up = tl.load(X + rm[:, None] * sxm + K + kk[None, :], mask=xm, other=0.0)
+                g = x.to(tl.float32)
+                act = (g / (1.0 + tl.exp(-g))).to(dt)
+                x = (act.to(tl.float32) * up.to(tl.float32)).to(dt)
+            w = tl.load(W + rn[:, None] * K + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            if IEEE:
+                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w))
+        out = acc.to(dt)
+        mask = m_ok[:, None] & n_ok[None, :]
+        if HAS_RES:
+            res = tl.load(R + rm[:, None] * srm + rn[None, :], mask=mask, other=0.0)
+            out = (out.to(tl.float32) + res.to(tl.float32)).to(dt)
+        tl.store(Y + rm[:, None] * sym + rn[None, :], out, mask=mask)
+
+    @triton.jit
+    def _rope_store_kernel(
+        QKV, POS, INV, QO, KP, VP, SLOTS, sqm, scaling, H, HK,
+        D: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    ):
+        m = tl.program_id(0)
+        h = tl.program_id(1)  # 0..H-1: q heads, H..H+HK-1: k heads (and the v head of the same index)
+        dt = QKV.dtype.element_ty
+        j = tl.arange(0, BLOCK_HALF)
+        j_ok = j < HALF
+        pos = tl.load(POS + m).to(tl.float32)
+        ang = pos * tl.load(INV + j, mask=j_ok, other=0.0).to(tl.float32)
+        c = (tl.cos(ang) * scaling).to(dt).to(tl.float32)
+        s = (tl.sin(ang) * scaling).to(dt).to(tl.float32)
+        src = QKV + m * sqm + h * D
+        x1 = tl.load(src + j, mask=j_ok, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF + j, mask=j_ok, other=0.0).to(tl.float32)
+        # transformers: q * cos + rotate_half(q) * sin, each product rounded to the model dtype
+        o1 = ((x1 * c).to(dt).to(tl.float32) + (-x2 * s).to(dt).to(tl.float32)).to(dt)
+        o2 = ((x2 * c).to(dt).to(tl.float32) + (x1 * s).to(dt).to(tl.float32)).to(dt)
+        if h < H:
+            dst = QO + (m * H + h) * D
+            tl.store(dst + j, o1, mask=j_ok)
+            tl.store(dst + HALF + j, o2, mask=j_ok)
+        else:
+            hk = h - H
+            slot = tl.load(SLOTS + m)
+            kdst = KP + (slot * HK + hk) * D
+            tl.store(kdst + j, o1.to(KP.dtype.element_ty), mask=j_ok)
+            tl.store(kdst + HALF + j, o2.to(KP.dtype.element_ty), mask=j_ok)
+            vsrc = QKV + m * sqm + (H + HK + hk) * D
+            vdst = VP + (slot * HK + hk) * D
+            v1 = tl.load(vsrc + j, mask=j_ok, other=0.0)
+            v2 = tl.load(vsrc + HALF + j, mask=j_ok, other=0.0)
+            tl.store(vdst + j, v1.to(VP.dtype.element_ty), mask=j_ok)
+            tl.store(vdst + HALF + j, v2.to(VP.dtype.element_ty), mask=j_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+_SMS: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
+
+
+def tiles(m: int, n: int, k: int, device: torch.device) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for an (m x k) @ (k x n) projection.
+
+    Small m is a weight stream: enough output tiles to cover every SM, long K steps. Larger m is a GEMM tile.
+    """
+    bk = max(16, min(128 if m <= 16 else 64, triton.next_power_of_2(k)))
+    if m <= 16:
+        sms = _num_sms(device)
+        if triton.cdiv(n, 64) >= 2 * sms:
+            bn = 64
+        elif triton.cdiv(n, 32) >= sms:
+            bn = 32
+        else:
+            bn = 16
+        return 16, bn, bk, 4, 4
+    bm = 32 if m <= 32 else 64
+    return bm, 64, bk, 4, 3
+
+
+def _check_2d(name, t, k=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2 or t.stride(-1) != 1:
+        raise ValueError(f"{name} must be 2-D with a unit last stride, got shape {tuple(t.shape)}")
+    if t.dtype not in _DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if k is not None and t.shape[1] != k:
+        raise ValueError(f"{name} must have {k} columns, got shape {tuple(t.shape)}")
+
+
+def norm_linear(x: torch.Tensor, weights: list[torch.Tensor], norm_weight: torch.Tensor | None = None,
+                eps: float = 1e-6, biases: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """RMSNorm (optional) then one to three projections of the same input, side by side.
+
+    Arguments:
+        x: (M, K), unit last stride.
+        weights: 1-3 tensors (N_i, K), contiguous, dtype of x.
+        norm_weight: (K,) RMSNorm weight, or None for no norm. eps: RMSNorm epsilon.
+        biases: None, or one (N_i,) tensor or None per weight.
+    Returns:
+        (M, sum N_i) in x's dtype.
+    """
+    _check_2d("x", x)
+    if not 1 <= len(weights) <= 3:
+        raise ValueError(f"weights must hold 1 to 3 tensors, got {len(weights)}")
+    m, k = x.shape
+    for i, w in enumerate(weights):
+        _check_2d(f"weights[{i}]", w, k)
+        if w.dtype != x.dtype or not w.is_contiguous():
+            raise ValueError(f"weights[{i}] must be contiguous {x.dtype}, got {w.dtype}")
+    if norm_weight is not None and tuple(norm_weight.shape) != (k,):
+        raise ValueError(f"norm_weight must have shape ({k},), got {tuple(norm_weight.shape)}")
+    biases = list(biases) if biases is not None else [None] * len(weights)
+    if len(biases) != len(weights):
+        raise ValueError(f"biases must hold one entry per weight ({len(weights)}), got {len(biases)}")
+    for i, (b, w) in enumerate(zip(biases, weights)):
+        if b is not None and tuple(b.shape) != (w.shape[0],):
+            raise ValueError(f"biases[{i}] must have shape ({w.shape[0]},), got {tuple(b.shape)}")
+    extra = [t for t in [norm_weight, *biases] if t is not None]
+    if not kernels_usable(x, *weights, *extra):
+        return norm_linear_reference(x, weights, norm_weight, eps, biases if any(b is not None for b in biases)
+                                     else None)
+    ns = [w.shape[0] for w in weights] + [0] * (3 - len(weights))
+    y = new_output((m, sum(ns)), x.dtype, x.device)
+    if m == 0:
+        return y
+    bm, bn, bk, warps, stages = tiles(m, max(ns), k, x.device)
+    t0, t1, t2 = (triton.cdiv(n, bn) for n in ns)
+    ws = list(weights) + [weights[0]] * (3 - len(weights))
+    has_bias = any(b is not None for b in biases)
+    bs = [b if b is not None else ws[0] for b in biases] + [ws[0]] * (3 - len(biases))
+    if has_bias:  # a weight without bias gets a zero one (rare: mixed biases)
+        bs = [b if b is not None else torch.zeros(w.shape[0], dtype=x.dtype, device=x.device)
+              for b, w in zip(list(biases) + [None] * (3 - len(biases)), ws)]
+    _norm_linear_kernel[(triton.cdiv(m, bm), t0 + t1 + t2)](
+        x, norm_weight if norm_weight is not None else x, *ws, *bs, y,
+        m, k, ns[0], ns[1], t0, t1, ns[2], x.stride(0), y.stride(0), float(eps),
+        HAS_NORM=norm_weight is not None, HAS_BIAS=has_bias, IEEE=x.dtype == torch.float32,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+    )
+    return y
+
+
+def linear_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None,
+                    silu_mul: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``residual + act(x) @ weight.T`` in one kernel.
+
+    Arguments:
+        x: (M, K), or (M, 2K) ``[gate | up]`` when ``silu_mul`` (act = ``silu(gate) * up``); unit last stride.
+        weight: (N, K) contiguous. residual: (M, N) or None.
+        out: optional (M, N) output; may be ``residual`` itself (in-place update of the residual stream).
+    Returns:
+        (M, N) in x's dtype (``out`` when given).
+    """
+    _check_2d("x", x)
+    m = x.shape[0]
+    k = x.shape[1] // 2 if silu_mul else x.shape[1]
+    if silu_mul and x.shape[1] % 2:
+        raise ValueError(f"x must hold [gate | up] (an even number of columns) with silu_mul, got {tuple(x.shape)}")
+    _check_2d("weight", weight, k)
+    if weight.dtype != x.dtype or not weight.is_contiguous():
+        raise ValueError(f"weight must be contiguous {x.dtype}, got {weight.dtype}")
+    n = weight.shape[0]
+    for name, t in (("residual", residual), ("out", out)):
+        if t is not None:
+            _check_2d(name, t)
+            if tuple(t.shape) != (m, n) or t.dtype != x.dtype:
+                raise ValueError(f"{name} must be ({m}, {n}) {x.dtype}, got {tuple(t.shape)} {t.dtype}")
+    tensors = [x, weight] + [t for t in (residual, out) if t is not None]
+    if not kernels_usable(*tensors):
+        y = linear_residual_reference(x, weight, residual, silu_mul)
+        return out.copy_(y) if out is not None else y
+    y = out if out is not None else new_output((m, n), x.dtype, x.device)
+    if m == 0:
+        return y
+    bm, bn, bk, warps, stages = tiles(m, n, k, x.device)
+    _linear_residual_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+        x, weight, residual if residual is not None else y, y, m, k, n,
+        x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
+        SILU_MUL=silu_mul, HAS_RES=residual is not None, IEEE=x.dtype == torch.float32,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+    )
+    return y
+
+
+def rope_store(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float, nheads: int,
+               nheads_k: int, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (transformers' ``rotate_half`` convention) fused with the paged K/V write.
+
+    Arguments:
+        qkv: (M, (nheads + 2 * nheads_k) * D), unit last stride: q heads, then k heads, then v heads.
+        positions: (M,) int positions. inv_freq: (D/2,) fp32 rotary frequencies. scaling: cos/sin factor.
+        k_pool, v_pool: (num_blocks, block_size, nheads_k, D) contiguous. slots: (M,) int64 flat slot per token.
+    Returns:
+        rotated q (M, nheads, D) in qkv's dtype.
+    """
+    _check_2d("qkv", qkv)
+    m = qkv.shape[0]
+    d = k_pool.shape[-1]
+    if qkv.shape[1] != (nheads + 2 * nheads_k) * d or d % 2:
+        raise ValueError(f"qkv must have (nheads + 2 * nheads_k) * head_dim = {(nheads + 2 * nheads_k) * d} "
+                         f"columns (even head_dim), got {tuple(qkv.shape)}")
+    if tuple(inv_freq.shape) != (d // 2,):
+        raise ValueError(f"inv_freq must have shape ({d // 2},), got {tuple(inv_freq.shape)}")
+    if positions.shape != (m,) or slots.shape != (m,) or slots.dtype != torch.int64:
+        raise ValueError(f"positions must be ({m},) and slots int64 ({m},), got {tuple(positions.shape)}, "
+                         f"{slots.dtype} {tuple(slots.shape)}")
+    if k_pool.shape[2:] != (nheads_k, d) or v_pool.shape != k_pool.shape or not (
+            k_pool.is_contiguous() and v_pool.is_contiguous()):
+        raise ValueError(f"k_pool/v_pool must be contiguous (blocks, block_size, {nheads_k}, {d}), got "
+                         f"{tuple(k_pool.shape)} / {tuple(v_pool.shape)}")
+    if not kernels_usable(qkv, k_pool, v_pool):
+        return rope_store_reference(qkv, positions, inv_freq, scaling, nheads, nheads_k, k_pool, v_pool, slots)
+    q = new_output((m, nheads, d), qkv.dtype, qkv.device)
+    if m == 0:
+        return q
+    _rope_store_kernel[(m, nheads + nheads_k)](
+        qkv, positions, inv_freq, q, k_pool, v_pool, slots, qkv.stride(0), float(scaling), nheads, nheads_k,
+        D=d, HALF=d // 2, BLOCK_HALF=triton.next_power_of_2(d // 2), num_warps=1,
+    )
+    return q

@@ -1,0 +1,91 @@
+"""The engine's native decode step (fused kernels over the model's own weights) vs the model's forward.
+
+On CPU the kernels run through Triton's interpreter, in float16 (the paged decode op takes fp16/bf16).
+"""
+
+import pytest
+import torch
+from greedy_compare import assert_close_greedy  # tests/generation is on sys.path (rootdir import mode)
+
+import hf_efficient  # noqa: F401  (registers the attention)
+from hf_efficient.generation.engine import DecodeEngine
+from hf_efficient.generation.native import unsupported_reason
+from hf_efficient.generation.sampling import SamplingParams
+from hf_efficient.models.tiny import tiny_model
+from hf_efficient.ops.rmsnorm import fusable
+
+pytestmark = pytest.mark.skipif(not fusable(torch.zeros(1, dtype=torch.float16)),
+                                reason="needs CUDA or the Triton interpreter")
+
+
+def _device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _prompts(lengths, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def _engine(model, **kw):
+    return DecodeEngine(model, max_batch=4, max_tokens=512, block_size=8, cuda_graphs=False, sync_every=4, **kw)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_native_matches_model_forward(family):
+    """Mixed-length batch, greedy: the native step and the model's forward agree (Mistral: sliding window shorter
+    than the sequences; Qwen2: q/k/v biases)."""
+    over = {"sliding_window": 12} if family == "mistral" else {}
+    model = tiny_model(family, dtype=torch.float16, seed=3, **over).to(_device())
+    prompts = _prompts([5, 17, 30], model.config.vocab_size, seed=3)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    native = _engine(model)
+    assert native.stats.native_reason is None
+    forward = _engine(model, native=False)
+    assert forward.stats.native_reason.startswith("disabled")
+    a, b = native.generate(prompts, params), forward.generate(prompts, params)
+    assert_close_greedy([g[0] for g in a], [g[0] for g in b])
+
+
+def test_native_sees_live_weights():
+    """In-place weight updates (as optimizers make) reach the next native generation."""
+    model = tiny_model("llama", dtype=torch.float16, seed=5).to(_device())
+    prompt = _prompts([8], model.config.vocab_size, seed=5)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    engine = _engine(model)
+    before = engine.generate(prompt, params)[0][0]
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight.mul_(-3.0)
+    after = engine.generate(prompt, params)[0][0]
+    reference = _engine(model, native=False).generate(prompt, params)[0][0]
+    assert after.output != before.output
+    assert_close_greedy([after], [reference])
+
+
+def test_unsupported_models_fall_back_with_a_reason():
+    assert "gemma2" in unsupported_reason(tiny_model("gemma2", dtype=torch.float16))
+    assert "dtype" in unsupported_reason(tiny_model("llama", dtype=torch.float32))
+    model = tiny_model("llama", dtype=torch.float16).to(_device())
+    assert unsupported_reason(model) is None
+    engine = _engine(model)
+    handle = model.model.layers[0].mlp.register_forward_hook(lambda *a: None)
+    try:
+        assert "hooks" in unsupported_reason(model)
+        engine.generate(_prompts([4], 100), SamplingParams(temperature=0.0, max_tokens=3))
+        assert "hooks" in engine.stats.native_reason  # re-checked at every generate call
+        with pytest.raises(ValueError, match="native=True.*hooks"):
+            _engine(model, native=True)
+    finally:
+        handle.remove()
+    engine.generate(_prompts([4], 100), SamplingParams(temperature=0.0, max_tokens=3))
+    assert engine.stats.native_reason is None
+    with pytest.raises(ValueError, match="native must be"):
+        _engine(model, native="yes")
+
+
+def test_lora_adapters_are_served_by_the_model_forward():
+    peft = pytest.importorskip("peft")
+    model = tiny_model("llama", dtype=torch.float16).to(_device())
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert "nn.Linear" in unsupported_reason(lora)

@@ -1,0 +1,120 @@
+"""Fused decode projections (norm + projections, projection + residual, rotary + paged K/V write).
+
+On CPU the Triton kernels run through the interpreter (fp32 and fp16); on the GPU bf16 too. Accuracy rule: error vs
+a float64 reference at most twice plain PyTorch's error in the same precision (an error below one unit in the last
+place of the largest value counts as that unit). Outputs are poisoned (NaN) before each call.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_efficient.ops import decode_linear as dl
+
+
+def _dtypes():
+    out = [torch.float32, torch.float16]
+    if torch.cuda.is_available():
+        out.append(torch.bfloat16)
+    return out
+
+
+def _gen(seed):
+    g = torch.Generator().manual_seed(seed)
+    return lambda *shape, scale=1.0: torch.randn(*shape, generator=g) * scale
+
+
+def _assert_accurate(out, ref_same, ref64, factor=2.0):
+    assert out.dtype == ref_same.dtype and out.shape == ref_same.shape
+    assert torch.isfinite(out).all()
+    ulp = torch.finfo(out.dtype).eps * ref64.abs().max().item()
+    err = (out.double() - ref64).abs().max().item()
+    base = (ref_same.double() - ref64).abs().max().item()
+    assert err <= factor * max(base, ulp), f"error {err:.3g} vs PyTorch's {base:.3g}"
+
+
+@pytest.mark.parametrize("dtype", _dtypes())
+@pytest.mark.parametrize("m", [1, 5, 17, 40])
+@pytest.mark.parametrize("bias", [False, True])
+def test_norm_linear(device, dtype, m, bias):
+    r = _gen(m * 2 + bias)
+    k, ns = 88, (72, 24, 24)
+    x64, nw64 = r(m, k, scale=2.0).double(), (1 + 0.3 * r(k)).double()
+    ws64 = [r(n, k, scale=k ** -0.5).double() for n in ns]
+    bs64 = [r(n).double() for n in ns] if bias else None
+    cast = lambda t: t.to(device, dtype)  # noqa: E731
+    x, nw, ws = cast(x64), cast(nw64), [cast(w) for w in ws64]
+    bs = [cast(b) for b in bs64] if bias else None
+    out = dl.norm_linear(x, ws, nw, 1e-5, bs)
+    ref = dl.norm_linear_reference(x, ws, nw, 1e-5, bs)
+    ref64 = dl.norm_linear_reference(x64, ws64, nw64, 1e-5, bs64).to(device)
+    _assert_accurate(out, ref, ref64)
+    # one weight, no norm (the LM head path without its norm)
+    _assert_accurate(dl.norm_linear(x, ws[:1]), dl.norm_linear_reference(x, ws[:1]),
+                     dl.norm_linear_reference(x64, ws64[:1]).to(device))
+
+
+@pytest.mark.parametrize("dtype", _dtypes())
+@pytest.mark.parametrize("m", [1, 3, 33])
+@pytest.mark.parametrize("silu_mul", [False, True])
+def test_linear_residual(device, dtype, m, silu_mul):
+    r = _gen(m + 7 * silu_mul)
+    k, n = 80, 56
+    x64 = r(m, 2 * k if silu_mul else k, scale=2.0).double()
+    w64, res64 = r(n, k, scale=k ** -0.5).double(), r(m, n, scale=3.0).double()
+    x, w, res = (t.to(device, dtype) for t in (x64, w64, res64))
+    ref = dl.linear_residual_reference(x, w, res, silu_mul)
+    ref64 = dl.linear_residual_reference(x64, w64, res64, silu_mul).to(device)
+    _assert_accurate(dl.linear_residual(x, w, res, silu_mul), ref, ref64)
+    inplace = res.clone()
+    out = dl.linear_residual(x, w, inplace, silu_mul, out=inplace)
+    assert out.data_ptr() == inplace.data_ptr()
+    _assert_accurate(inplace, ref, ref64)
+    _assert_accurate(dl.linear_residual(x, w, None, silu_mul), dl.linear_residual_reference(x, w, None, silu_mul),
+                     dl.linear_residual_reference(x64, w64, None, silu_mul).to(device))
+
+
+@pytest.mark.parametrize("dtype", _dtypes())
+@pytest.mark.parametrize("head_dim", [16, 80])
+def test_rope_store_shuffled_slots(device, dtype, head_dim):
+    r = _gen(head_dim)
+    m, h, hk, bs = 6, 6, 2, 4
+    qkv64 = r(m, (h + 2 * hk) * head_dim).double()
+    qkv = qkv64.to(device, dtype)
+    pos = torch.randint(0, 3000, (m,)).to(device)
+    inv = (1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)).to(device)
+    slots = torch.randperm(10 * bs)[:m].to(device)  # scattered through the pool
+    pools = [torch.full((10, bs, hk, head_dim), float("nan"), dtype=dtype, device=device) for _ in range(4)]
+    pools64 = [torch.zeros(10, bs, hk, head_dim, dtype=torch.float64, device=device) for _ in range(2)]
+    q = dl.rope_store(qkv, pos, inv, 0.9, h, hk, pools[0], pools[1], slots)
+    q_ref = dl.rope_store_reference(qkv, pos, inv, 0.9, h, hk, pools[2], pools[3], slots)
+    q64 = dl.rope_store_reference(qkv64.to(device), pos, inv.double(), 0.9, h, hk, *pools64, slots)
+    _assert_accurate(q, q_ref, q64)
+    rows = lambda p: p.view(-1, hk, head_dim)[slots]  # noqa: E731
+    _assert_accurate(rows(pools[0]), rows(pools[2]), rows(pools64[0]))
+    assert torch.equal(rows(pools[1]), rows(pools[3]))  # v is copied
+    untouched = torch.ones(10 * bs, dtype=torch.bool)
+    untouched[slots.cpu()] = False
+    assert torch.isnan(pools[0].view(-1, hk, head_dim)[untouched.to(device)]).all()
+
+
+def test_bad_inputs_name_the_argument(device):
+    x = torch.randn(2, 16, device=device)
+    with pytest.raises(ValueError, match=r"weights\[1\]"):
+        dl.norm_linear(x, [torch.randn(8, 16, device=device), torch.randn(8, 12, device=device)])
+    with pytest.raises(ValueError, match="weights must hold 1 to 3"):
+        dl.norm_linear(x, [])
+    with pytest.raises(ValueError, match="norm_weight"):
+        dl.norm_linear(x, [torch.randn(8, 16, device=device)], torch.randn(15, device=device))
+    with pytest.raises(ValueError, match="silu_mul"):
+        dl.linear_residual(torch.randn(2, 15, device=device), torch.randn(8, 7, device=device), silu_mul=True)
+    with pytest.raises(ValueError, match="residual"):
+        dl.linear_residual(x, torch.randn(8, 16, device=device), torch.randn(3, 8, device=device))
+    with pytest.raises(TypeError, match="x must be"):
+        dl.norm_linear(x.long(), [torch.randn(8, 16, device=device)])
+    pool = torch.zeros(2, 4, 1, 8, device=device)
+    with pytest.raises(ValueError, match="qkv"):
+        dl.rope_store(torch.randn(2, 20, device=device), torch.zeros(2, dtype=torch.long, device=device),
+                      torch.ones(4, device=device), 1.0, 2, 1, pool, pool.clone(),
+                      torch.zeros(2, dtype=torch.long, device=device))
