@@ -40,8 +40,11 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def kernels_usable(*tensors: torch.Tensor) -> bool:
-    """The Triton kernels can take these tensors (CUDA, or CPU under the interpreter without bf16)."""
-    return triton is not None and fusable(*tensors)
+    """The Triton kernels can take these tensors: CUDA fp16/bf16 (float32 keeps cuBLAS's full-precision GEMMs), or
+    CPU under the interpreter (fp32/fp16, which is how CI checks the kernels)."""
+    if triton is None or not fusable(*tensors):
+        return False
+    return tensors[0].device.type != "cuda" or all(t.dtype != torch.float32 for t in tensors)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from greedy_compare import assert_close_greedy  # tests/generation is on sys.path (rootdir import mode)
+from greedy_compare import assert_within_noise  # tests/generation is on sys.path (rootdir import mode)
 
 import hf_efficient
 from hf_efficient.generation.engine import DecodeEngine
@@ -97,9 +97,11 @@ def test_tiny_families_on_gpu_graphs(family):
     a = DecodeEngine(model, max_batch=4, max_tokens=1024, block_size=16, cuda_graphs=True).generate(prompts, params)
     b = DecodeEngine(model, max_batch=4, max_tokens=1024, block_size=16, cuda_graphs=False).generate(prompts, params)
     assert [g[0].output for g in a] == [g[0].output for g in b]
-    # the native decode step (llama/mistral/qwen2) vs the model's forward: same tokens up to near-ties
+    # native decode step (llama/mistral/qwen2) and model forward: chosen-token logprobs within the bf16 noise of the
+    # model's own forward, against a float32 copy teacher-forced on the same tokens
     c = DecodeEngine(model, max_batch=4, max_tokens=1024, block_size=16, native=False).generate(prompts, params)
-    assert_close_greedy([g[0] for g in a], [g[0] for g in c])
+    for runs in (a, c):
+        print(family, assert_within_noise(model, prompts, [g[0] for g in runs]))
 
 
 

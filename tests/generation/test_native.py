@@ -5,7 +5,7 @@ On CPU the kernels run through Triton's interpreter, in float16 (the paged decod
 
 import pytest
 import torch
-from greedy_compare import assert_close_greedy  # tests/generation is on sys.path (rootdir import mode)
+from greedy_compare import assert_within_noise  # tests/generation is on sys.path (rootdir import mode)
 
 import hf_efficient  # noqa: F401  (registers the attention)
 from hf_efficient.generation.engine import DecodeEngine
@@ -43,8 +43,9 @@ def test_native_matches_model_forward(family):
     assert native.stats.native_reason is None
     forward = _engine(model, native=False)
     assert forward.stats.native_reason.startswith("disabled")
-    a, b = native.generate(prompts, params), forward.generate(prompts, params)
-    assert_close_greedy([g[0] for g in a], [g[0] for g in b])
+    for engine in (native, forward):
+        runs = [g[0] for g in engine.generate(prompts, params)]
+        assert_within_noise(model, prompts, runs)
 
 
 def test_native_sees_live_weights():
@@ -58,9 +59,8 @@ def test_native_sees_live_weights():
         for layer in model.model.layers:
             layer.mlp.down_proj.weight.mul_(-3.0)
     after = engine.generate(prompt, params)[0][0]
-    reference = _engine(model, native=False).generate(prompt, params)[0][0]
     assert after.output != before.output
-    assert_close_greedy([after], [reference])
+    assert_within_noise(model, prompt, [after])
 
 
 def test_unsupported_models_fall_back_with_a_reason():
