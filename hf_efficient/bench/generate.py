@@ -53,20 +53,15 @@ def _prompts(vocab: int, n: int, lo: int, hi: int, seed: int = 0) -> list[list[i
     return [[rng.randrange(100, vocab - 100) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
-def _ours(model, prompts, new, max_batch, fused=False, **engine_kw):
-    import contextlib
-
-    from .. import patches
+def _ours(model, prompts, new, max_batch, **engine_kw):
     from ..generation.engine import DecodeEngine
     from ..generation.sampling import SamplingParams
 
-    ctx = patches.applied("fused_layers") if fused else contextlib.nullcontext()
-    with ctx:
-        total = sum(len(p) for p in prompts) + len(prompts) * (new + 32)
-        engine = DecodeEngine(model, max_batch=max_batch, max_tokens=total, sync_every=16, **engine_kw)
-        params = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
-        _, warm = _timed(lambda: engine.generate(prompts, params))  # captures graphs, compiles kernels
-        groups, t = _timed(lambda: engine.generate(prompts, params))
+    total = sum(len(p) for p in prompts) + len(prompts) * (new + 32)
+    engine = DecodeEngine(model, max_batch=max_batch, max_tokens=total, sync_every=16, **engine_kw)
+    params = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
+    _, warm = _timed(lambda: engine.generate(prompts, params))  # captures graphs, compiles kernels
+    groups, t = _timed(lambda: engine.generate(prompts, params))
     tokens = sum(len(r.output) for g in groups for r in g)
     assert tokens == new * len(prompts), "every request must generate exactly `new` tokens"
     return tokens / t, warm, t, engine.stats, [r.output for g in groups for r in g]
@@ -74,17 +69,13 @@ def _ours(model, prompts, new, max_batch, fused=False, **engine_kw):
 
 #: engine variants measured beside the default (native decode step where the model allows it)
 VARIANTS = {
-    "model forward": dict(native=False),
-    "model forward + fused_layers": dict(native=False, fused=True),
+    "model forward": dict(native=False, fused_layers=False),
+    "model forward + fused_layers": dict(native=False, fused_layers=True),
 }
 
 
 def _variant(model, prompts, new, max_batch, base_outputs, notes, key, label, kw):
     """One engine variant: its speed, warm-up and greedy-token agreement with the default engine."""
-    from .. import patches
-
-    if kw.get("fused") and "fused_layers" not in patches.available():
-        return None
     try:
         tps, warm, _, stats, outs = _ours(model, prompts, new, max_batch, **kw)
     except Exception as err:  # report, don't hide
@@ -99,30 +90,24 @@ def _profile_step(model, prompt, new=64, **kw) -> dict:
     """Profile the bs1 decode loop: kernels launched per step, GPU kernel time per step vs wall time per step.
 
     Wall time is of a separate un-profiled run of ``new`` tokens and includes its prefill."""
-    import contextlib
-
     from torch.profiler import ProfilerActivity, profile
 
-    from .. import patches
     from ..generation.engine import DecodeEngine
     from ..generation.sampling import SamplingParams
 
-    fused = kw.pop("fused", False)
-    ctx = patches.applied("fused_layers") if fused else contextlib.nullcontext()
-    with ctx:
-        engine = DecodeEngine(model, max_batch=1, max_tokens=len(prompt) + new + 64, sync_every=16, **kw)
-        params = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
+    engine = DecodeEngine(model, max_batch=1, max_tokens=len(prompt) + new + 64, sync_every=16, **kw)
+    params = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
+    engine.generate([prompt], params)
+    _, wall = _timed(lambda: engine.generate([prompt], params))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
         engine.generate([prompt], params)
-        _, wall = _timed(lambda: engine.generate([prompt], params))
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            engine.generate([prompt], params)
     rows = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
     kernel_us = sum(e.self_device_time_total for e in rows)
     launches = sum(e.count for e in rows)
     steps = new - 1  # the first token comes from the prefill
     top = sorted(rows, key=lambda e: -e.self_device_time_total)[:12]
     return {
-        "fused_layers": fused, "native": engine.stats.native_reason is None, "step_ms_wall": 1e3 * wall / new,
+        "fused_layers": engine.fused_layers, "native": engine.stats.native_reason is None, "step_ms_wall": 1e3 * wall / new,
         "kernels_per_step": launches / steps, "kernel_ms_per_step": kernel_us / 1e3 / steps,
         "top_kernels": [(e.key[:60], round(e.self_device_time_total / steps, 1), round(e.count / steps, 2))
                         for e in top],
@@ -233,8 +218,7 @@ def run(out_dir="docs/benchmarks", quick=False, with_compile=False) -> dict:
     anchors64["hf_padded_generate"] = _hf_generate(model, reqs, new, pad)
     case64 = f"SmolLM2 {len(reqs)} requests prompts 32-512, {new} new"
     rows.append({"case": case64, "ours": ours64, "anchors": anchors64, "ours_warmup_s": warm64})
-    variants64 = dict(VARIANTS, **{"native up to batch 16": dict(native_max_batch=16),
-                                   "native up to batch 16 + fused_layers": dict(native_max_batch=16, fused=True)})
+    variants64 = dict(VARIANTS, **{"native up to batch 16, fused_layers above": dict(native_max_batch=16)})
     for label, kw in variants64.items():
         if (res := _variant(model, reqs, new, 64, outs64, notes, case64, label, kw)) is not None:
             rows.append({"case": f"{case64} [{label}]", "ours": res[0], "anchors": anchors64,

@@ -18,6 +18,7 @@ step (in-place updates, as torch optimizers do) is seen by the next generation. 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
@@ -100,6 +101,9 @@ class DecodeEngine:
             than the model's forward: ``None`` (default) when the model is supported, ``True`` requires it (a
             ``ValueError`` says why not), ``False`` always runs the model's forward.
         native_max_batch: largest batch bucket decoded natively (larger buckets run the model's forward).
+        fused_layers: run the model's forward (prefill, and decode steps not served natively) with the
+            ``"fused_layers"`` patch applied for the engine's duration (fused RMSNorm, rotary, SwiGLU; see
+            :mod:`hf_efficient.patches.fused_layers`). Default: on CUDA. The patch is process-wide while applied.
     """
 
     def __init__(
@@ -113,6 +117,7 @@ class DecodeEngine:
         prefill_tokens: int = 16384,
         native: bool | None = None,
         native_max_batch: int = 512,
+        fused_layers: bool | None = None,
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -177,6 +182,9 @@ class DecodeEngine:
         if native not in (None, True, False):
             raise ValueError(f"native must be None, True or False, got {native!r}")
         self.native_request, self.native_max_batch = native, native_max_batch
+        if fused_layers is None:
+            fused_layers = self.device.type == "cuda"
+        self.fused_layers = bool(fused_layers)
         self._native: NativeDecoder | None = None
         self._native_check()
 
@@ -227,13 +235,20 @@ class DecodeEngine:
         self._on_update = on_update
         self._native_check()
         try:
-            with _attention(self.model):
+            with _attention(self.model), self._fused_patch():
                 self._run(waiting, progress)
         finally:
             self._on_update = None
         return groups
 
     _on_update = None
+
+    def _fused_patch(self):
+        from .. import patches
+
+        if self.fused_layers and "fused_layers" in patches.available():
+            return patches.applied("fused_layers")
+        return contextlib.nullcontext()
 
     def reset_graphs(self) -> None:
         """Drop captured graphs (after parameters were replaced rather than updated in place)."""

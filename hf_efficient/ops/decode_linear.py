@@ -103,14 +103,32 @@ def rope_store_reference(qkv, positions, inv_freq, scaling, nheads, nheads_k, k_
 if triton is not None:
 
     @triton.jit
+    def _split_reduce(acc, WS, CNT, tile, pid_s, num_tiles, SPLIT: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Split-K fix-up: every split stores its partial tile; the last split to arrive (atomic counter) sums the
+        partials in split order (deterministic) and resets the counter. Returns (is_last, full sum)."""
+        offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        size = BLOCK_M * BLOCK_N
+        tl.store(WS + (pid_s * num_tiles + tile) * size + offs, acc)
+        old = tl.atomic_add(CNT + tile, 1, sem="acq_rel")
+        last = old == SPLIT - 1
+        if last:
+            acc = tl.load(WS + tile * size + offs, cache_modifier=".cg")
+            for s in range(1, SPLIT):
+                acc += tl.load(WS + (s * num_tiles + tile) * size + offs, cache_modifier=".cg")
+            tl.atomic_xchg(CNT + tile, 0)
+        return last, acc
+
+    @triton.jit(do_not_specialize=["M"])
     def _norm_linear_kernel(
-        X, NW, W0, W1, W2, B0, B1, B2, Y,
-        M, K, N0, N1, T0, T1, N2, sxm, sym, eps,
-        HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+        X, NW, W0, W1, W2, B0, B1, B2, Y, WS, CNT,
+        M, K, N0, N1, T0, T1, N2, sxm, sym, eps, K_SPLIT,
+        HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
+        pid_s = tl.program_id(2)
         # Output tiles run over W0's rows, then W1's, then W2's; a tile never straddles two weights.
         if pid_n < T0:
             w_ptr = W0
@@ -132,7 +150,7 @@ if triton is not None:
         m_ok = rm < M
         n_ok = rn < n_size
         dt = Y.dtype.element_ty
-        if HAS_NORM:
+        if HAS_NORM:  # the full row's mean square, whatever part of K this program multiplies
             ss = tl.zeros([BLOCK_M], dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 kk = k0 + rk
@@ -140,10 +158,12 @@ if triton is not None:
                 xf = x.to(tl.float32)
                 ss += tl.sum(xf * xf, axis=1)
             r = 1.0 / tl.sqrt(ss / K + eps)
+        k_lo = pid_s * K_SPLIT
+        k_hi = tl.minimum(K, k_lo + K_SPLIT)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             kk = k0 + rk
-            k_ok = kk < K
+            k_ok = kk < k_hi
             x = tl.load(X + rm[:, None] * sxm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             if HAS_NORM:
                 nw = tl.load(NW + kk, mask=k_ok, other=0.0)
@@ -154,29 +174,38 @@ if triton is not None:
                 acc += tl.dot(x, tl.trans(w), input_precision="ieee")
             else:
                 acc += tl.dot(x, tl.trans(w))
-        if HAS_BIAS:
-            b = tl.load(b_ptr + rn, mask=n_ok, other=0.0)
-            acc += b.to(tl.float32)[None, :]
-        tl.store(Y + rm[:, None] * sym + (col0 + rn)[None, :], acc.to(dt), mask=m_ok[:, None] & n_ok[None, :])
+        if SPLIT > 1:
+            last, acc = _split_reduce(acc, WS, CNT, pid_m * tl.num_programs(1) + pid_n, pid_s,
+                                      tl.num_programs(0) * tl.num_programs(1), SPLIT, BLOCK_M, BLOCK_N)
+        else:
+            last = True
+        if last:
+            if HAS_BIAS:
+                b = tl.load(b_ptr + rn, mask=n_ok, other=0.0)
+                acc += b.to(tl.float32)[None, :]
+            tl.store(Y + rm[:, None] * sym + (col0 + rn)[None, :], acc.to(dt), mask=m_ok[:, None] & n_ok[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])
     def _linear_residual_kernel(
-        X, W, R, Y, M, K, N, sxm, srm, sym,
-        SILU_MUL: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr,
+        X, W, R, Y, WS, CNT, M, K, N, sxm, srm, sym, K_SPLIT,
+        SILU_MUL: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
+        pid_s = tl.program_id(2)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         m_ok = rm < M
         n_ok = rn < N
         dt = Y.dtype.element_ty
+        k_lo = pid_s * K_SPLIT
+        k_hi = tl.minimum(K, k_lo + K_SPLIT)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             kk = k0 + rk
-            k_ok = kk < K
+            k_ok = kk < k_hi
             xm = m_ok[:, None] & k_ok[None, :]
             x = tl.load(X + rm[:, None] * sxm + kk[None, :], mask=xm, other=0.0)
             if SILU_MUL:
@@ -189,12 +218,18 @@ if triton is not None:
                 acc += tl.dot(x, tl.trans(w), input_precision="ieee")
             else:
                 acc += tl.dot(x, tl.trans(w))
-        out = acc.to(dt)
-        mask = m_ok[:, None] & n_ok[None, :]
-        if HAS_RES:
-            res = tl.load(R + rm[:, None] * srm + rn[None, :], mask=mask, other=0.0)
-            out = (out.to(tl.float32) + res.to(tl.float32)).to(dt)
-        tl.store(Y + rm[:, None] * sym + rn[None, :], out, mask=mask)
+        if SPLIT > 1:
+            last, acc = _split_reduce(acc, WS, CNT, pid_m * tl.num_programs(1) + pid_n, pid_s,
+                                      tl.num_programs(0) * tl.num_programs(1), SPLIT, BLOCK_M, BLOCK_N)
+        else:
+            last = True
+        if last:
+            out = acc.to(dt)
+            mask = m_ok[:, None] & n_ok[None, :]
+            if HAS_RES:
+                res = tl.load(R + rm[:, None] * srm + rn[None, :], mask=mask, other=0.0)
+                out = (out.to(tl.float32) + res.to(tl.float32)).to(dt)
+            tl.store(Y + rm[:, None] * sym + rn[None, :], out, mask=mask)
 
     @triton.jit
     def _rope_store_kernel(
@@ -250,23 +285,52 @@ def _num_sms(device: torch.device) -> int:
     return _SMS[index]
 
 
-def tiles(m: int, n: int, k: int, device: torch.device) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for an (m x k) @ (k x n) projection.
+def tiles(m: int, n: int, k: int, device: torch.device, n_tiles: int | None = None) -> tuple[int, ...]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, split, k_per_split) for an (m x k) @ (k x n) projection.
 
-    Small m is a weight stream: enough output tiles to cover every SM, long K steps. Larger m is a GEMM tile.
+    Small m is a weight stream, bound by how many bytes are in flight: about four programs per SM,
+    splitting K (deterministic split-K fix-up) when the output has too few tiles. Larger m is a GEMM tile.
+    ``n_tiles``: output tiles when ``n`` is several weights side by side (each weight's rows tile separately).
     """
-    bk = max(16, min(128 if m <= 16 else 64, triton.next_power_of_2(k)))
-    if m <= 16:
-        sms = _num_sms(device)
-        if triton.cdiv(n, 64) >= 2 * sms:
-            bn = 64
-        elif triton.cdiv(n, 32) >= sms:
-            bn = 32
-        else:
-            bn = 16
-        return 16, bn, bk, 4, 4
-    bm = 32 if m <= 32 else 64
-    return bm, 64, bk, 4, 3
+    if m > 16:
+        bm, bn, bk = (32 if m <= 32 else 64), 64, max(16, min(64, triton.next_power_of_2(k)))
+        return bm, bn, bk, 4, 3, 1, k
+    bk = max(16, min(128, triton.next_power_of_2(k)))
+    sms = _num_sms(device)
+    bn = 64 if triton.cdiv(n, 64) >= 2 * sms else 32 if n >= 32 else 16
+    tiles_n = n_tiles(bn) if callable(n_tiles) else triton.cdiv(n, bn)
+    split = max(1, min(triton.cdiv(4 * sms, tiles_n), triton.cdiv(k, 2 * bk), MAX_SPLIT))
+    k_per = triton.cdiv(triton.cdiv(k, split), bk) * bk
+    split = triton.cdiv(k, k_per)
+    return 16, bn, bk, 4, 4, split, k_per
+
+
+MAX_SPLIT = 16
+_WORKSPACE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_RETIRED: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+
+def _workspace(device: torch.device, split: int, tiles: int, tile_elems: int):
+    """Split-K partials (fp32) and per-tile arrival counters (int32, kept at zero by the kernels).
+
+    Cached per device and grown on demand: allocate it outside CUDA-graph capture (the engine's warm-up steps do).
+    Kernels using it must run in stream order (one stream per device), as the engine's steps do."""
+    if split == 1:
+        return None, None
+    key = (device.type, device.index)
+    ws, cnt = _WORKSPACE.get(key, (None, None))
+    need_ws, need_cnt = split * tiles * tile_elems, tiles
+    if ws is None or ws.numel() < need_ws or cnt.numel() < need_cnt:
+        if torch.cuda.is_available() and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("decode_linear split-K workspace must be allocated before CUDA-graph capture")
+        size_ws = max(need_ws, ws.numel() if ws is not None else 0)
+        size_cnt = max(need_cnt, cnt.numel() if cnt is not None else 0)
+        if ws is not None:  # captured graphs may still point at the old buffers: keep them alive
+            _RETIRED.append((ws, cnt))
+        ws = torch.empty(size_ws, dtype=torch.float32, device=device)
+        cnt = torch.zeros(size_cnt, dtype=torch.int32, device=device)
+        _WORKSPACE[key] = (ws, cnt)
+    return ws, cnt
 
 
 def _check_2d(name, t, k=None):
@@ -316,18 +380,23 @@ def norm_linear(x: torch.Tensor, weights: list[torch.Tensor], norm_weight: torch
     y = new_output((m, sum(ns)), x.dtype, x.device)
     if m == 0:
         return y
-    bm, bn, bk, warps, stages = tiles(m, max(ns), k, x.device)
+    nw = [n for n in ns if n]
+    bm, bn, bk, warps, stages, split, k_per = tiles(
+        m, max(ns), k, x.device, n_tiles=lambda b: sum(triton.cdiv(n, b) for n in nw))
     t0, t1, t2 = (triton.cdiv(n, bn) for n in ns)
     ws = list(weights) + [weights[0]] * (3 - len(weights))
     has_bias = any(b is not None for b in biases)
-    bs = [b if b is not None else ws[0] for b in biases] + [ws[0]] * (3 - len(biases))
+    bs = [ws[0]] * 3
     if has_bias:  # a weight without bias gets a zero one (rare: mixed biases)
         bs = [b if b is not None else torch.zeros(w.shape[0], dtype=x.dtype, device=x.device)
               for b, w in zip(list(biases) + [None] * (3 - len(biases)), ws)]
-    _norm_linear_kernel[(triton.cdiv(m, bm), t0 + t1 + t2)](
+    grid = (triton.cdiv(m, bm), t0 + t1 + t2, split)
+    work, cnt = _workspace(x.device, split, grid[0] * grid[1], bm * bn)
+    _norm_linear_kernel[grid](
         x, norm_weight if norm_weight is not None else x, *ws, *bs, y,
-        m, k, ns[0], ns[1], t0, t1, ns[2], x.stride(0), y.stride(0), float(eps),
-        HAS_NORM=norm_weight is not None, HAS_BIAS=has_bias, IEEE=x.dtype == torch.float32,
+        work if work is not None else y, cnt if cnt is not None else y,
+        m, k, ns[0], ns[1], t0, t1, ns[2], x.stride(0), y.stride(0), float(eps), k_per,
+        HAS_NORM=norm_weight is not None, HAS_BIAS=has_bias, IEEE=x.dtype == torch.float32, SPLIT=split,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )
     return y
@@ -365,11 +434,14 @@ def linear_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tenso
     y = out if out is not None else new_output((m, n), x.dtype, x.device)
     if m == 0:
         return y
-    bm, bn, bk, warps, stages = tiles(m, n, k, x.device)
-    _linear_residual_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-        x, weight, residual if residual is not None else y, y, m, k, n,
-        x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
-        SILU_MUL=silu_mul, HAS_RES=residual is not None, IEEE=x.dtype == torch.float32,
+    bm, bn, bk, warps, stages, split, k_per = tiles(m, n, k, x.device)
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
+    work, cnt = _workspace(x.device, split, grid[0] * grid[1], bm * bn)
+    _linear_residual_kernel[grid](
+        x, weight, residual if residual is not None else y, y,
+        work if work is not None else y, cnt if cnt is not None else y, m, k, n,
+        x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0), k_per,
+        SILU_MUL=silu_mul, HAS_RES=residual is not None, IEEE=x.dtype == torch.float32, SPLIT=split,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )
     return y

@@ -37,9 +37,10 @@ def _assert_accurate(out, ref_same, ref64, factor=2.0):
 @pytest.mark.parametrize("dtype", _dtypes())
 @pytest.mark.parametrize("m", [1, 5, 17, 40])
 @pytest.mark.parametrize("bias", [False, True])
-def test_norm_linear(device, dtype, m, bias):
-    r = _gen(m * 2 + bias)
-    k, ns = 88, (72, 24, 24)
+@pytest.mark.parametrize("k", [88, 600])  # 600: K split across programs (split-K fix-up)
+def test_norm_linear(device, dtype, m, bias, k):
+    r = _gen(m * 2 + bias + k)
+    ns = (72, 24, 24)
     x64, nw64 = r(m, k, scale=2.0).double(), (1 + 0.3 * r(k)).double()
     ws64 = [r(n, k, scale=k ** -0.5).double() for n in ns]
     bs64 = [r(n).double() for n in ns] if bias else None
@@ -58,9 +59,10 @@ def test_norm_linear(device, dtype, m, bias):
 @pytest.mark.parametrize("dtype", _dtypes())
 @pytest.mark.parametrize("m", [1, 3, 33])
 @pytest.mark.parametrize("silu_mul", [False, True])
-def test_linear_residual(device, dtype, m, silu_mul):
-    r = _gen(m + 7 * silu_mul)
-    k, n = 80, 56
+@pytest.mark.parametrize("k", [80, 1000])  # 1000: K split across programs (split-K fix-up)
+def test_linear_residual(device, dtype, m, silu_mul, k):
+    r = _gen(m + 7 * silu_mul + k)
+    n = 56
     x64 = r(m, 2 * k if silu_mul else k, scale=2.0).double()
     w64, res64 = r(n, k, scale=k ** -0.5).double(), r(m, n, scale=3.0).double()
     x, w, res = (t.to(device, dtype) for t in (x64, w64, res64))
@@ -97,6 +99,21 @@ def test_rope_store_shuffled_slots(device, dtype, head_dim):
     untouched = torch.ones(10 * bs, dtype=torch.bool)
     untouched[slots.cpu()] = False
     assert torch.isnan(pools[0].view(-1, hk, head_dim)[untouched.to(device)]).all()
+
+
+def test_split_k_is_planned_and_deterministic(device):
+    """Few output tiles and a long K: the plan splits K; repeated calls give bitwise-identical results and leave the
+    arrival counters at zero (so CUDA-graph replays start clean)."""
+    dtype = torch.float16
+    x = torch.randn(1, 2048, device=device).to(dtype)
+    w = (torch.randn(48, 2048, device=device) / 45).to(dtype)
+    plan = dl.tiles(1, 48, 2048, torch.device(device))
+    assert plan[5] > 1, plan
+    first = dl.linear_residual(x, w)
+    for _ in range(3):
+        assert torch.equal(dl.linear_residual(x, w), first)
+    _, cnt = dl._WORKSPACE[(torch.device(device).type, torch.device(device).index)]
+    assert int(cnt.abs().sum()) == 0
 
 
 def test_bad_inputs_name_the_argument(device):
