@@ -98,9 +98,35 @@ def _profile_step(model, prompt, new=64, **kw) -> dict:
     engine = DecodeEngine(model, max_batch=1, max_tokens=len(prompt) + new + 64, sync_every=16, **kw)
     params = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
     engine.generate([prompt], params)
+    host = {"s": 0.0, "n": 0}
+    step = engine._decode_step
+
+    def timed_step(waiting):  # host time of a step (no sync: the GPU runs behind)
+        t0 = time.perf_counter()
+        step(waiting)
+        host["s"] += time.perf_counter() - t0
+        host["n"] += 1
+
+    engine._decode_step = timed_step
     _, wall = _timed(lambda: engine.generate([prompt], params))
+    engine._decode_step = step
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         engine.generate([prompt], params)
+    replay_ms = None
+    if engine._graphs:  # back-to-back replays of the captured step: GPU time per step, kernels + in-graph gaps
+        graph = next(iter(engine._graphs.values()))
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        reps = 0
+        start.record()
+        for _ in range(8):
+            engine.hist_idx.zero_()
+            for _ in range(engine.sync_every - 1):
+                graph.replay()
+                reps += 1
+        end.record()
+        _sync()
+        replay_ms = start.elapsed_time(end) / reps
+        engine.hist_idx.zero_()
     rows = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
     kernel_us = sum(e.self_device_time_total for e in rows)
     launches = sum(e.count for e in rows)
@@ -109,6 +135,7 @@ def _profile_step(model, prompt, new=64, **kw) -> dict:
     return {
         "fused_layers": engine.fused_layers, "native": engine.stats.native_reason is None, "step_ms_wall": 1e3 * wall / new,
         "kernels_per_step": launches / steps, "kernel_ms_per_step": kernel_us / 1e3 / steps,
+        "graph_replay_ms_per_step": replay_ms, "host_ms_per_step": 1e3 * host["s"] / max(host["n"], 1),
         "top_kernels": [(e.key[:60], round(e.self_device_time_total / steps, 1), round(e.count / steps, 2))
                         for e in top],
     }
