@@ -31,6 +31,7 @@ import torch
 from ..cache.allocator import CacheFullError
 from ..cache.paged import PagedCache, StepPlan
 from .native import NativeDecoder
+from .native import auto_reason as native_auto_reason
 from .native import unsupported_reason as native_unsupported_reason
 from .sampling import BatchSampler, SamplingParams, StopStringMatcher
 
@@ -98,9 +99,11 @@ class DecodeEngine:
         sync_every: decode steps between host reads of the generated tokens.
         prefill_tokens: most prompt tokens prefilled in one forward.
         native: decode steps through the engine's fused kernels (:mod:`~hf_efficient.generation.native`) rather
-            than the model's forward: ``None`` (default) when the model is supported, ``True`` requires it (a
-            ``ValueError`` says why not), ``False`` always runs the model's forward.
-        native_max_batch: largest batch bucket decoded natively (larger buckets run the model's forward).
+            than the model's forward: ``None`` (default) when the model is supported and small enough for them to
+            win (hidden size <= ``native.AUTO_MAX_HIDDEN``), ``True`` requires it (a ``ValueError`` says why
+            not), ``False`` always runs the model's forward.
+        native_max_batch: largest batch bucket decoded natively (larger buckets run the model's forward, where
+            cuBLAS GEMMs beat the fused small-batch kernels).
         fused_layers: run the model's forward (prefill, and decode steps not served natively) with the
             ``"fused_layers"`` patch applied for the engine's duration (fused RMSNorm, rotary, SwiGLU; see
             :mod:`hf_efficient.patches.fused_layers`). Default: on CUDA. The patch is process-wide while applied.
@@ -116,7 +119,7 @@ class DecodeEngine:
         sync_every: int = 8,
         prefill_tokens: int = 16384,
         native: bool | None = None,
-        native_max_batch: int = 512,
+        native_max_batch: int = 16,
         fused_layers: bool | None = None,
     ):
         if max_batch < 1:
@@ -194,7 +197,9 @@ class DecodeEngine:
             reason = "disabled (native=False)"
         else:
             reason = native_unsupported_reason(self.model)
-            if reason is not None and self.native_request:
+            if reason is None and self.native_request is None:
+                reason = native_auto_reason(self.model)
+            elif reason is not None and self.native_request:
                 raise ValueError(f"native=True, but the native decode step cannot serve this model: {reason}")
         if reason is None:
             if self._native is None:

@@ -84,6 +84,13 @@ def test_unsupported_models_fall_back_with_a_reason():
         _engine(model, native="yes")
 
 
+def test_auto_choice_leaves_large_models_to_the_model_forward():
+    model = tiny_model("llama", dtype=torch.float16, hidden_size=1088, intermediate_size=64).to(_device())
+    assert unsupported_reason(model) is None
+    assert "hidden_size 1088" in DecodeEngine(model, max_batch=1, max_tokens=64).stats.native_reason
+    assert DecodeEngine(model, max_batch=1, max_tokens=64, native=True).stats.native_reason is None
+
+
 def test_lora_adapters_are_served_by_the_model_forward():
     peft = pytest.importorskip("peft")
     model = tiny_model("llama", dtype=torch.float16).to(_device())
