@@ -14,12 +14,13 @@ from hf_efficient.generation.sampling import SamplingParams
 from hf_efficient.models.tiny import tiny_model
 from hf_efficient.ops.rmsnorm import fusable
 
-pytestmark = pytest.mark.skipif(not fusable(torch.zeros(1, dtype=torch.float16)),
-                                reason="needs CUDA or the Triton interpreter")
-
 
 def _device():
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+pytestmark = pytest.mark.skipif(not fusable(torch.zeros(1, dtype=torch.float16, device=_device())),
+                                reason="needs CUDA or the Triton interpreter")
 
 
 def _prompts(lengths, vocab, seed=0):
