@@ -325,7 +325,12 @@ class DecodeEngine:
             self._prefill(batch)
 
     def _prefill(self, groups: list[list[Request]]) -> None:
-        """Packed prefill of the groups' prompts (each stored once), then fork samples into slots."""
+        """Packed prefill of the groups' prompts (each stored once), then fork samples into slots.
+
+        A prompt longer than ``prefill_tokens`` (always admitted alone) is prefilled in chunks of that size, each
+        chunk attending to the cached tokens before it and to itself (causal)."""
+        if len(groups) == 1 and len(groups[0][0].context) > self.prefill_tokens:
+            return self._prefill_chunked(groups[0])
         bs = self.block_size
         ids, pos, slots, last = [], [], [], []
         for group in groups:
@@ -354,9 +359,43 @@ class DecodeEngine:
             use_cache=True,
             logits_to_keep=torch.tensor(last, device=dev),
         )
-        logits = out.logits[0].float()  # (groups, vocab)
         self.stats.prefill_tokens += len(ids)
-        # Assign slots and draw each sample's first token.
+        self._first_tokens(groups, out.logits[0].float())
+
+    def _prefill_chunked(self, group: list[Request]) -> None:
+        prompt, bs, dev = group[0].context, self.block_size, self.device
+        blocks = self.cache.allocator.allocate(math.ceil(len(prompt) / bs))
+        table = torch.tensor(blocks, dtype=torch.int32, device=dev)[None]
+        block_ids = torch.tensor(blocks)
+        saved = self.cache.seq_blocks, self.cache.seq_lens
+        for start in range(0, len(prompt), self.prefill_tokens):
+            chunk = prompt[start: start + self.prefill_tokens]
+            end = start + len(chunk)
+            p = torch.arange(start, end)
+            plan = StepPlan(
+                q_len=len(chunk), lens_before=[start], n_new=[len(chunk)], q_idx=None,
+                write_slots=(block_ids[p // bs] * bs + p % bs).to(dev), block_table=table,
+                cache_seqlens=torch.tensor([end], dtype=torch.int32, device=dev),
+            )
+            # later chunks gather the stored tokens by the cache's host bookkeeping
+            self.cache.seq_blocks, self.cache.seq_lens = [blocks], [end]
+            self.cache.plan = plan
+            out = self.model(
+                input_ids=torch.tensor([chunk], device=dev), position_ids=p[None].to(dev), **self._cache_kw,
+                use_cache=True, logits_to_keep=1,
+            )
+            self.stats.prefill_tokens += len(chunk)
+        self.cache.seq_blocks, self.cache.seq_lens = saved
+        for i, req in enumerate(group):
+            if i:
+                self.cache.allocator.incref(blocks)
+            req.blocks, req.stored = list(blocks), len(prompt)
+        self._first_tokens([group], out.logits[0, -1:].float())
+
+    def _first_tokens(self, groups: list[list[Request]], logits: torch.Tensor) -> None:
+        """Assign slots to the prefilled groups' samples and draw each sample's first token from ``logits``
+        (one row per group)."""
+        dev = self.device
         rows, new_slots = [], []
         for g, group in enumerate(groups):
             for i, req in enumerate(group):

@@ -34,6 +34,20 @@ def test_greedy_matches_hf_generate_mixed_lengths(family):
         assert req.finish_reason == "length" and len(req.logprobs) == 24
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_long_prompts_are_prefilled_in_chunks(family):
+    """Prompts longer than prefill_tokens are prefilled chunk by chunk (each chunk attends to the cached ones):
+    greedy output equal to transformers' (Mistral's sliding window spans chunk boundaries)."""
+    over = {"sliding_window": 12} if family == "mistral" else {}
+    model = tiny_model(family, attn_implementation="hf_efficient", seed=4, **over)
+    prompts = _prompts([61, 5, 40], seed=6)
+    engine = DecodeEngine(model, max_batch=4, max_tokens=4096, block_size=4, prefill_tokens=16, sync_every=4)
+    groups = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=10))
+    for prompt, (req,) in zip(prompts, groups):
+        assert req.output == _hf_greedy(model, prompt, 10)
+    assert engine.stats.prefill_tokens == 61 + 5 + 40
+
+
 def test_continuous_batching_more_requests_than_slots_and_preemption():
     model = tiny_model("llama", attn_implementation="hf_efficient", seed=2)
     prompts = _prompts([5, 12, 7, 3, 9, 14, 6, 2], seed=2)
