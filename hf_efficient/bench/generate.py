@@ -96,9 +96,16 @@ def _profile_step(model, prompt, new=64, **kw) -> dict:
     from ..generation.engine import DecodeEngine
     from ..generation.sampling import SamplingParams
 
-    engine = DecodeEngine(model, max_batch=1, max_tokens=len(prompt) + new + 64, sync_every=16, **kw)
+    engine = DecodeEngine(model, max_batch=1, max_tokens=len(prompt) + 4 * new + 64, sync_every=16, **kw)
     params = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
     engine.generate([prompt], params)
+    # per-token cost and per-call cost: the same engine timed at new and 4 * new tokens
+    long_params = SamplingParams(temperature=0.0, max_tokens=4 * new, ignore_eos=True)
+    engine.generate([prompt], long_params)
+    _, t_long = _timed(lambda: engine.generate([prompt], long_params))
+    _, t_short = _timed(lambda: engine.generate([prompt], params))
+    per_token_ms = 1e3 * (t_long - t_short) / (3 * new)
+    per_call_ms = 1e3 * t_short - new * per_token_ms
     host = {"s": 0.0, "n": 0}
     step = engine._decode_step
 
@@ -137,6 +144,7 @@ def _profile_step(model, prompt, new=64, **kw) -> dict:
         "fused_layers": engine.fused_layers, "native": engine.stats.native_reason is None, "step_ms_wall": 1e3 * wall / new,
         "kernels_per_step": launches / steps, "kernel_ms_per_step": kernel_us / 1e3 / steps,
         "graph_replay_ms_per_step": replay_ms, "host_ms_per_step": 1e3 * host["s"] / max(host["n"], 1),
+        "marginal_ms_per_token": per_token_ms, "fixed_ms_per_call": per_call_ms,
         "top_kernels": [(e.key[:60], round(e.self_device_time_total / steps, 1), round(e.count / steps, 2))
                         for e in top],
     }

@@ -476,8 +476,17 @@ class DecodeEngine:
                 updates.append((req.slot, col, blk))
             req.stored += 1
         if updates:
-            s, c, b = (torch.tensor(x) for x in zip(*updates))
-            self.block_table[s.to(self.device), c.to(self.device)] = b.to(torch.int32).to(self.device)
+            sl, col, blk = self._to_device(list(zip(*updates))).unbind(0)
+            self.block_table[sl, col] = blk.to(torch.int32)
+
+    def _to_device(self, values) -> torch.Tensor:
+        """int64 tensor of ``values`` on the engine's device without a stream sync: on CUDA the host copy is pinned
+        (a copy from pageable memory would wait for every queued decode step) and PyTorch keeps the pinned block
+        alive until the asynchronous copy has run."""
+        t = torch.tensor(values, dtype=torch.long)
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def _preempt(self, waiting: deque) -> None:
         """Out of blocks: push the newest request back to the queue (its tokens so far become its prompt)."""
