@@ -49,6 +49,19 @@ def test_native_matches_model_forward(family):
         assert_within_noise(model, prompts, runs)
 
 
+def test_native_and_model_forward_buckets_share_the_cache():
+    """Buckets above native_max_batch run the model's forward over the same pages: as requests finish, a sequence
+    moves between the two paths mid-generation."""
+    model = tiny_model("qwen2", dtype=torch.float16, seed=7).to(_device())
+    prompts = _prompts([4, 9, 15, 6, 11], model.config.vocab_size, seed=7)
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (3, 14, 6, 10, 4)]
+    engine = DecodeEngine(model, max_batch=8, max_tokens=512, block_size=8, cuda_graphs=False, sync_every=2,
+                          native_max_batch=2)
+    runs = [g[0] for g in engine.generate(prompts, params)]
+    assert [len(r.output) for r in runs] == [3, 14, 6, 10, 4]
+    assert_within_noise(model, prompts, runs)
+
+
 def test_native_sees_live_weights():
     """In-place weight updates (as optimizers make) reach the next native generation."""
     model = tiny_model("llama", dtype=torch.float16, seed=5).to(_device())
