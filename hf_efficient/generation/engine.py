@@ -180,7 +180,8 @@ class DecodeEngine:
         self._active: list[Request] = []  # slot i holds _active[i]
         self._next_rid = 0
         # transformers >= 5.24 names the forward's cache argument `cache` (`past_key_values` is deprecated)
-        forward_args = inspect.signature(model.forward).parameters
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT passes kwargs on
+        forward_args = inspect.signature(inner.forward).parameters
         self._cache_kw = {"cache" if "cache" in forward_args else "past_key_values": self.cache}
         if native not in (None, True, False):
             raise ValueError(f"native must be None, True or False, got {native!r}")
