@@ -2,39 +2,39 @@
 # GPU machine: install the tree, record the environment, run the GPU-marked tests, then the generation and
 # packed-SFT benchmarks. Every stage has its own time limit and the script goes on after a failed stage.
 #
-#   STAGES="tests generate sft" GEN_ARGS="--with-compile" scripts/gpu_all.sh OUT_DIR [pytest paths...]
+#   STAGES="tests generate sft" GEN_ARGS="--with-compile" scripts/gpu_all.sh RESULTS_DIR [pytest paths...]
 #
 # Needs the real test model: HF_EFFICIENT_SMOLLM2_GGUF pointing at the GGUF (the machine has no network).
 set -uo pipefail
-OUT=$(mkdir -p "${1:?usage: scripts/gpu_all.sh OUT_DIR}" && cd "$1" && pwd)
+RESULTS=$(mkdir -p "${1:?usage: scripts/gpu_all.sh RESULTS_DIR}" && cd "$1" && pwd)
 shift
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_EFFICIENT_OFFLINE=1
 PY=${PYTHON:-python3}
 STAGES=" ${STAGES:-tests generate sft} "
 $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -n 2
-hf-efficient env 2>&1 | tee "$OUT/env.txt"
+hf-efficient env 2>&1 | tee "$RESULTS/env.txt"
 TEST_RC=- GEN_RC=- SFT_RC=-
 if [[ $STAGES == *" tests "* ]]; then
   TESTS=${*:-tests/attention tests/cache tests/generation tests/models tests/ops/test_kv_store.py \
     tests/ops/test_fused_layers.py tests/ops/test_decode_linear.py tests/ops/test_paged_decode.py}
   timeout ${GPU_TEST_TIMEOUT:-300} $PY -m pytest -m gpu $TESTS -q -p no:cacheprovider -rfEs -s 2>&1 \
-      | tee "$OUT/gpu_tests.log" | grep -E "^(FAILED|ERROR)|passed|failed|agreement|divergence|noise" | tail -n 30
+      | tee "$RESULTS/gpu_tests.log" | grep -E "^(FAILED|ERROR)|passed|failed|agreement|divergence|noise" | tail -n 30
   TEST_RC=${PIPESTATUS[0]}
   # the decode-layer ops also run in bf16 on the GPU without the gpu marker
   timeout 120 $PY -m pytest tests/ops/test_decode_linear.py tests/generation/test_native.py -q -p no:cacheprovider 2>&1 \
-      | tee "$OUT/gpu_native_tests.log" | tail -n 3
+      | tee "$RESULTS/gpu_native_tests.log" | tail -n 3
 fi
 if [[ $STAGES == *" generate "* ]]; then
-  timeout ${BENCH_TIMEOUT:-500} hf-efficient bench generate --out "$OUT/bench" ${GEN_ARGS:-} 2>&1 \
-      | tee "$OUT/bench_generate.log" | tail -n 16
+  timeout ${BENCH_TIMEOUT:-500} hf-efficient bench generate --out "$RESULTS/bench" ${GEN_ARGS:-} 2>&1 \
+      | tee "$RESULTS/bench_generate.log" | tail -n 16
   GEN_RC=${PIPESTATUS[0]}
 fi
 if [[ $STAGES == *" sft "* ]]; then
-  timeout ${SFT_TIMEOUT:-240} $PY -m hf_efficient.bench.sft_parity --out "$OUT/bench" 2>&1 \
-      | tee "$OUT/bench_sft.log" | tail -n 5
+  timeout ${SFT_TIMEOUT:-240} $PY -m hf_efficient.bench.sft_parity --out "$RESULTS/bench" 2>&1 \
+      | tee "$RESULTS/bench_sft.log" | tail -n 5
   SFT_RC=${PIPESTATUS[0]}
 fi
 echo "== summary: gpu tests rc=$TEST_RC bench generate rc=$GEN_RC sft_parity rc=$SFT_RC"
-[ -f "$OUT/gpu_tests.log" ] && grep -E "passed|failed" "$OUT/gpu_tests.log" | tail -n 2
+[ -f "$RESULTS/gpu_tests.log" ] && grep -E "passed|failed" "$RESULTS/gpu_tests.log" | tail -n 2
 exit 0

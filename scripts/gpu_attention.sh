@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Flash attention on a GPU machine: correctness tests, then the benchmark.
 #
-#   scripts/gpu_attention.sh OUT_DIR [--isolated]
+#   scripts/gpu_attention.sh RESULTS_DIR [--isolated]
 #
-# Writes OUT_DIR/pytest.log, OUT_DIR/bench.log and OUT_DIR/bench/<gpu>/attention.{json,md,png},
+# Writes RESULTS_DIR/pytest.log, RESULTS_DIR/bench.log and RESULTS_DIR/bench/<gpu>/attention.{json,md,png},
 # then prints a compact summary. The benchmark's kernel variants compile in background worker
 # processes while the tests run (Triton's on-disk cache is shared), so a cold machine finishes in
 # a few minutes. --isolated runs a copy of just the flash-attention modules (stub package
 # __init__), so unrelated modules of the tree cannot break the run.
 set -uo pipefail
-OUT=$(mkdir -p "${1:?usage: scripts/gpu_attention.sh OUT_DIR [--isolated]}" && cd "$1" && pwd)
+RESULTS=$(mkdir -p "${1:?usage: scripts/gpu_attention.sh RESULTS_DIR [--isolated]}" && cd "$1" && pwd)
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 if [[ "${2:-}" == "--isolated" ]]; then
@@ -35,21 +35,21 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 
 # Compile the benchmark's kernel variants in the background while the tests run.
 $PY -c "from hf_efficient.bench.attention import _precompile; _precompile(False)" \
-    >"$OUT/precompile.log" 2>&1 &
+    >"$RESULTS/precompile.log" 2>&1 &
 PRE=$!
 
 # Tests: every test of the file runs on the GPU (fixed launch configs; one test autotunes).
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 6")
 HF_EFFICIENT_FLASH_AUTOTUNE=0 timeout 170 $PY -m pytest tests/ops/test_flash_attn.py -q $XDIST \
-    -p no:cacheprovider -rfE 2>&1 | tee "$OUT/pytest.log" | tail -n 40
+    -p no:cacheprovider -rfE 2>&1 | tee "$RESULTS/pytest.log" | tail -n 40
 TEST_RC=${PIPESTATUS[0]}
 
-wait $PRE; echo "precompile rc=$? (log: $OUT/precompile.log)"; tail -n 5 "$OUT/precompile.log"
+wait $PRE; echo "precompile rc=$? (log: $RESULTS/precompile.log)"; tail -n 5 "$RESULTS/precompile.log"
 
-HF_EFFICIENT_BENCH_PRECOMPILE=0 $PY -m hf_efficient.bench.attention --out "$OUT/bench" \
-    2>&1 | tee "$OUT/bench.log" | grep -E "ours|variants|skip|Error|error|wrote" | tail -n 80
+HF_EFFICIENT_BENCH_PRECOMPILE=0 $PY -m hf_efficient.bench.attention --out "$RESULTS/bench" \
+    2>&1 | tee "$RESULTS/bench.log" | grep -E "ours|variants|skip|Error|error|wrote" | tail -n 80
 BENCH_RC=${PIPESTATUS[0]}
 
 echo "== summary: pytest rc=$TEST_RC bench rc=$BENCH_RC"
-grep -E "passed|failed" "$OUT/pytest.log" | tail -n 3
+grep -E "passed|failed" "$RESULTS/pytest.log" | tail -n 3
 exit $(( TEST_RC != 0 || BENCH_RC != 0 ))

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Paged decode on a GPU machine: build the CUDA extension (ptxas report), run the tests, benchmark.
 #
-#   scripts/gpu_decode.sh OUT_DIR [--sweep] [--in-tree]
+#   scripts/gpu_decode.sh RESULTS_DIR [--sweep] [--in-tree]
 #
-# Writes OUT_DIR/build.log (nvcc + ptxas -v output), OUT_DIR/pytest.log, OUT_DIR/bench.log and
-# OUT_DIR/decode.json + decode.md, then prints a compact summary. By default it runs a copy of just
+# Writes RESULTS_DIR/build.log (nvcc + ptxas -v output), RESULTS_DIR/pytest.log, RESULTS_DIR/bench.log and
+# RESULTS_DIR/decode.json + decode.md, then prints a compact summary. By default it runs a copy of just
 # the paged-decode modules (stub package __init__ files), so unrelated modules of the tree cannot
 # break the run; --in-tree runs the tree as it is. --sweep also times kernel variants/split counts.
 set -uo pipefail
-OUT=$(mkdir -p "${1:?usage: scripts/gpu_decode.sh OUT_DIR [--sweep] [--in-tree]}" && cd "$1" && pwd)
+RESULTS=$(mkdir -p "${1:?usage: scripts/gpu_decode.sh RESULTS_DIR [--sweep] [--in-tree]}" && cd "$1" && pwd)
 shift
 SWEEP=""; INTREE=0
 for a in "$@"; do
@@ -53,11 +53,11 @@ print(pd.backend_report())
 for d in (64, 128, 256):
     for mt in (1, 2, 4, 8):
         print('kernel_info d%d mt%d bf16' % (d, mt), ops.kernel_info(d, mt, True, 0, 0) if ops else None)
-" >"$OUT/build.log" 2>&1
+" >"$RESULTS/build.log" 2>&1
 echo "build rc=$? in $(( $(date +%s) - START ))s"
-grep -E "^BUILD|kernel_info|impl" "$OUT/build.log"
+grep -E "^BUILD|kernel_info|impl" "$RESULTS/build.log"
 echo "ptxas (entry: registers, spills):"
-grep -E "Compiling entry|spill|Used [0-9]+ registers" "$OUT/build.log" | paste - - - \
+grep -E "Compiling entry|spill|Used [0-9]+ registers" "$RESULTS/build.log" | paste - - - \
     | sed -E "s/.*paged_decode_(kernel|combine_kernel)I([^E]*)E+vNS_17PagedDecodeParamsE' for '(sm_[0-9]+)'/\1 \2 \3/; s/ptxas info *: //g; s/bytes stack frame, //; s/, used [0-9]+ barriers.*//" \
     | sort -u | head -n 60
 
@@ -66,24 +66,24 @@ XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
 START=$(date +%s)
 OMP_NUM_THREADS=2 timeout "$(left 110)" $PY -m pytest tests/ops/test_paged_decode.py -q $XDIST -p no:cacheprovider -rfE \
     --maxfail=40 \
-    2>&1 | tee "$OUT/pytest.log" | tail -n 40
+    2>&1 | tee "$RESULTS/pytest.log" | tail -n 40
 TEST_RC=${PIPESTATUS[0]}
 echo "pytest rc=$TEST_RC in $(( $(date +%s) - START ))s"
 
 # 3. Benchmark.
 START=$(date +%s)
-timeout "$(left 170)" $PY -m hf_efficient.bench.decode --out "$OUT/bench" $SWEEP 2>&1 | tee "$OUT/bench.log" | tail -n 30
+timeout "$(left 170)" $PY -m hf_efficient.bench.decode --out "$RESULTS/bench" $SWEEP 2>&1 | tee "$RESULTS/bench.log" | tail -n 30
 BENCH_RC=${PIPESTATUS[0]}
 echo "bench rc=$BENCH_RC in $(( $(date +%s) - START ))s"
-cp "$OUT"/bench/*/decode.json "$OUT"/bench/*/decode.md "$OUT/" 2>/dev/null
-rm -rf "$OUT/bench"
+cp "$RESULTS"/bench/*/decode.json "$RESULTS"/bench/*/decode.md "$RESULTS/" 2>/dev/null
+rm -rf "$RESULTS/bench"
 if [[ -n $SWEEP ]]; then
     $PY -c "
-import json; r = json.load(open('$OUT/decode.json'))
+import json; r = json.load(open('$RESULTS/decode.json'))
 for row in r['rows']:
     if 'sweep' in row: print(row['case'], {k: round(v, 2) if isinstance(v, float) else v for k, v in row['sweep'].items()})
 " 2>/dev/null
 fi
 echo "== summary: pytest rc=$TEST_RC bench rc=$BENCH_RC"
-grep -E "passed|failed" "$OUT/pytest.log" | tail -n 3
+grep -E "passed|failed" "$RESULTS/pytest.log" | tail -n 3
 exit $(( TEST_RC != 0 || BENCH_RC != 0 ))

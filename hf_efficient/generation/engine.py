@@ -33,7 +33,7 @@ from ..cache.paged import PagedCache, StepPlan
 from .native import NativeDecoder
 from .native import auto_reason as native_auto_reason
 from .native import unsupported_reason as native_unsupported_reason
-from .sampling import BatchSampler, SamplingParams, StopStringMatcher
+from .sampling import BatchSampler, SamplingParams, StopStringMatcher, h2d
 
 logger = logging.getLogger(__name__)
 
@@ -477,17 +477,8 @@ class DecodeEngine:
                 updates.append((req.slot, col, blk))
             req.stored += 1
         if updates:
-            sl, col, blk = self._to_device(list(zip(*updates))).unbind(0)
+            sl, col, blk = h2d(list(zip(*updates)), torch.long, self.device).unbind(0)
             self.block_table[sl, col] = blk.to(torch.int32)
-
-    def _to_device(self, values) -> torch.Tensor:
-        """int64 tensor of ``values`` on the engine's device without a stream sync: on CUDA the host copy is pinned
-        (a copy from pageable memory would wait for every queued decode step) and PyTorch keeps the pinned block
-        alive until the asynchronous copy has run."""
-        t = torch.tensor(values, dtype=torch.long)
-        if self.device.type != "cuda":
-            return t.to(self.device)
-        return t.pin_memory().to(self.device, non_blocking=True)
 
     def _preempt(self, waiting: deque) -> None:
         """Out of blocks: push the newest request back to the queue (its tokens so far become its prompt)."""

@@ -387,6 +387,15 @@ class _Processed:
     mass: torch.Tensor | None = None  # (B, 1) float64 sum of exp(scaled - top) over the kept tokens (>= 1)
 
 
+def h2d(values: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a device tensor without a stream sync: on CUDA the host copy is pinned (a copy from pageable
+    memory waits for all queued work) and PyTorch keeps the pinned block alive until the async copy has run."""
+    host = torch.as_tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 class BatchSampler:
     """Batched sampling over static device tensors, capturable in a CUDA graph.
 
@@ -464,11 +473,7 @@ class BatchSampler:
             raise ValueError(f"slot must be an int in [0, {self.max_batch}), got {slot!r}")
 
     def _h2d(self, values: Any, dtype: torch.dtype) -> torch.Tensor:
-        """A host list as a device tensor without synchronizing (pinned, non-blocking copy on CUDA)."""
-        host = torch.as_tensor(values, dtype=dtype)
-        if self.device.type == "cuda":
-            return host.pin_memory().to(self.device, non_blocking=True)
-        return host.to(self.device)
+        return h2d(values, dtype, self.device)
 
     def set_slot(
         self,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .rmsnorm import fusable, new_output
+from .rmsnorm import fusable, new_output, num_sms
 
 try:
     import triton
@@ -103,20 +103,35 @@ def rope_store_reference(qkv, positions, inv_freq, scaling, nheads, nheads_k, k_
 if triton is not None:
 
     @triton.jit
-    def _split_reduce(acc, WS, CNT, tile, pid_s, num_tiles, SPLIT: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Split-K fix-up: every split stores its partial tile; the last split to arrive (atomic counter) sums the
-        partials in split order (deterministic) and resets the counter. Returns (is_last, full sum)."""
-        offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        size = BLOCK_M * BLOCK_N
-        tl.store(WS + (pid_s * num_tiles + tile) * size + offs, acc)
-        old = tl.atomic_add(CNT + tile, 1, sem="acq_rel")
-        last = old == SPLIT - 1
-        if last:
-            acc = tl.load(WS + tile * size + offs, cache_modifier=".cg")
-            for s in range(1, SPLIT):
-                acc += tl.load(WS + (s * num_tiles + tile) * size + offs, cache_modifier=".cg")
-            tl.atomic_xchg(CNT + tile, 0)
+    def _mma(acc, x, w, IEEE: tl.constexpr):
+        """acc += x @ w.T (fp32 inputs in full precision when IEEE)."""
+        if IEEE:
+            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w))
+        return acc
+
+    @triton.jit
+    def _split_reduce(acc, WS, CNT, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Split-K fix-up over grid (m tiles, n tiles, SPLIT): every split stores its partial tile; the last split
+        to arrive (atomic counter) sums the partials in split order (deterministic) and resets the counter.
+        Returns (whether this program writes the output, the full sum). SPLIT == 1: (True, acc)."""
+        if SPLIT == 1:
+            last = tl.program_id(2) == 0  # the only split
+        else:
+            tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+            pid_s = tl.program_id(2)
+            num_tiles = tl.num_programs(0) * tl.num_programs(1)
+            offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+            size = BLOCK_M * BLOCK_N
+            tl.store(WS + (pid_s * num_tiles + tile) * size + offs, acc)
+            old = tl.atomic_add(CNT + tile, 1, sem="acq_rel")
+            last = old == SPLIT - 1
+            if last:
+                acc = tl.load(WS + tile * size + offs, cache_modifier=".cg")
+                for s in range(1, SPLIT):
+                    acc += tl.load(WS + (s * num_tiles + tile) * size + offs, cache_modifier=".cg")
+                tl.atomic_xchg(CNT + tile, 0)
         return last, acc
 
     @triton.jit(do_not_specialize=["M"])
@@ -170,15 +185,8 @@ if triton is not None:
                 xn = (x.to(tl.float32) * r[:, None]).to(dt)
                 x = (nw.to(tl.float32)[None, :] * xn.to(tl.float32)).to(dt)
             w = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            if IEEE:
-                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-            else:
-                acc += tl.dot(x, tl.trans(w))
-        if SPLIT > 1:
-            last, acc = _split_reduce(acc, WS, CNT, pid_m * tl.num_programs(1) + pid_n, pid_s,
-                                      tl.num_programs(0) * tl.num_programs(1), SPLIT, BLOCK_M, BLOCK_N)
-        else:
-            last = True
+            acc = _mma(acc, x, w, IEEE)
+        last, acc = _split_reduce(acc, WS, CNT, SPLIT, BLOCK_M, BLOCK_N)
         if last:
             if HAS_BIAS:
                 b = tl.load(b_ptr + rn, mask=n_ok, other=0.0)
@@ -214,15 +222,8 @@ if triton is not None:
                 act = (g / (1.0 + tl.exp(-g))).to(dt)
                 x = (act.to(tl.float32) * up.to(tl.float32)).to(dt)
             w = tl.load(W + rn[:, None] * K + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            if IEEE:
-                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-            else:
-                acc += tl.dot(x, tl.trans(w))
-        if SPLIT > 1:
-            last, acc = _split_reduce(acc, WS, CNT, pid_m * tl.num_programs(1) + pid_n, pid_s,
-                                      tl.num_programs(0) * tl.num_programs(1), SPLIT, BLOCK_M, BLOCK_N)
-        else:
-            last = True
+            acc = _mma(acc, x, w, IEEE)
+        last, acc = _split_reduce(acc, WS, CNT, SPLIT, BLOCK_M, BLOCK_N)
         if last:
             out = acc.to(dt)
             mask = m_ok[:, None] & n_ok[None, :]
@@ -273,18 +274,6 @@ if triton is not None:
 # Launchers
 # ----------------------------------------------------------------------------------------------
 
-_SMS: dict[int, int] = {}
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SMS:
-        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SMS[index]
-
-
 def tiles(m: int, n: int, k: int, device: torch.device, n_tiles: int | None = None) -> tuple[int, ...]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, split, k_per_split) for an (m x k) @ (k x n) projection.
 
@@ -296,7 +285,7 @@ def tiles(m: int, n: int, k: int, device: torch.device, n_tiles: int | None = No
         bm, bn, bk = (32 if m <= 32 else 64), 64, max(16, min(64, triton.next_power_of_2(k)))
         return bm, bn, bk, 4, 3, 1, k
     bk = max(16, min(128, triton.next_power_of_2(k)))
-    sms = _num_sms(device)
+    sms = num_sms(device)
     bn = 64 if triton.cdiv(n, 64) >= 2 * sms else 32 if n >= 32 else 16
     tiles_n = n_tiles(bn) if callable(n_tiles) else triton.cdiv(n, bn)
     split = max(1, min(triton.cdiv(4 * sms, tiles_n), triton.cdiv(k, 2 * bk), MAX_SPLIT))

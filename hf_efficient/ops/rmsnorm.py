@@ -107,14 +107,19 @@ def new_output(shape, dtype, device, like: torch.Tensor | None = None) -> torch.
 _SM_COUNT: dict[int, int] = {}
 
 
-def num_programs_hint(device: torch.device) -> int:
-    """Programs that keep every SM busy (a few per SM); small on the CPU interpreter."""
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached); 1 elsewhere (the CPU interpreter)."""
     if device.type != "cuda":
-        return 4
+        return 1
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _SM_COUNT:
         _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return 4 * _SM_COUNT[index]
+    return _SM_COUNT[index]
+
+
+def num_programs_hint(device: torch.device) -> int:
+    """Programs that keep every SM busy (a few per SM); small on the CPU interpreter."""
+    return 4 * num_sms(device)
 
 
 def _is_fake(t) -> bool:
