@@ -202,16 +202,11 @@ class DecodeEngine:
                 reason = native_auto_reason(self.model)
             elif reason is not None and self.native_request:
                 raise ValueError(f"native=True, but the native decode step cannot serve this model: {reason}")
-        if reason is None:
-            if self._native is None:
-                self._native = NativeDecoder(self.model, self.cache)
-                self._graphs.clear()
-        elif self._native is not None or self.stats.native_reason is None:
-            if self._native is not None:
-                self._graphs.clear()
-            self._native = None
-            if self.native_request is not False:
-                logger.info("decode steps run the model's forward: %s", reason)
+        if (reason is None) != (self._native is not None):  # switching paths: graphs captured the other one
+            self._native = NativeDecoder(self.model, self.cache) if reason is None else None
+            self._graphs.clear()
+        if reason is not None and reason != self.stats.native_reason and self.native_request is not False:
+            logger.info("decode steps run the model's forward: %s", reason)
         self.stats.native_reason = reason
 
     # ------------------------------------------------------------------ public API
@@ -342,10 +337,7 @@ class DecodeEngine:
             ids.extend(prompt)
             pos.append(p)
             last.append(len(ids) - 1)
-            for i, req in enumerate(group):
-                if i:
-                    self.cache.allocator.incref(blocks)
-                req.blocks, req.stored = list(blocks), len(prompt)
+            self._give_blocks(group, blocks)
         dev = self.device
         plan = StepPlan(
             q_len=len(ids), lens_before=[0], n_new=[len(ids)], q_idx=None,
@@ -387,11 +379,15 @@ class DecodeEngine:
             )
             self.stats.prefill_tokens += len(chunk)
         self.cache.seq_blocks, self.cache.seq_lens = saved
+        self._give_blocks(group, blocks)
+        self._first_tokens([group], out.logits[0, -1:].float())
+
+    def _give_blocks(self, group: list[Request], blocks: list[int]) -> None:
+        """Every sample of a group holds the prompt's blocks (one reference each)."""
         for i, req in enumerate(group):
             if i:
                 self.cache.allocator.incref(blocks)
-            req.blocks, req.stored = list(blocks), len(prompt)
-        self._first_tokens([group], out.logits[0, -1:].float())
+            req.blocks, req.stored = list(blocks), len(req.context)
 
     def _first_tokens(self, groups: list[list[Request]], logits: torch.Tensor) -> None:
         """Assign slots to the prefilled groups' samples and draw each sample's first token from ``logits``

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.decode_linear import kernels_usable, linear_residual, norm_linear, rope_store
+from ..ops.paged_decode import paged_decode
 
 FAMILIES = ("llama", "mistral", "qwen2")
 #: Largest hidden size for which the engine picks the native step by itself. Measured on an H200 (bench generate):
@@ -134,8 +135,6 @@ class NativeDecoder:
         """tokens/positions ``(b,)`` int64, slots ``(b,)`` int64 flat cache slot of each new token, seqlens ``(b,)``
         int32 keys per sequence including the new one, block_table ``(b, max_blocks)`` int32. Returns logits
         ``(b, vocab)`` in the model dtype. No host synchronisation (CUDA-graph safe)."""
-        from ..ops.paged_decode import paged_decode
-
         base, b = self.base, tokens.shape[0]
         h_, hk, d = self.heads, self.kv_heads, self.head_dim
         rot = base.rotary_emb
