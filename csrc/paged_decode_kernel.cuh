@@ -136,6 +136,36 @@ __device__ __forceinline__ int swz(int row, int chunk) {
   return row * D + ((chunk ^ (row & 7)) << 3);
 }
 
+// Programmatic dependent launch (sm_90+): when launched with the attribute, a kernel may start while the previous
+// kernel in the stream still runs. It waits here for that kernel's completion (and memory) before touching any
+// data, then lets the next kernel launch. Without the attribute both instructions are no-ops.
+__device__ __forceinline__ void grid_dependency_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+template <typename Kernel>
+cudaError_t launch_kernel(Kernel kernel, dim3 grid, int threads, int smem, cudaStream_t stream, bool pdl,
+                          const PagedDecodeParams& p) {
+  if (!pdl) {
+    kernel<<<grid, threads, smem, stream>>>(p);
+    return cudaGetLastError();
+  }
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, p);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Main kernel: grid (num_splits, nheads_k * num_row_chunks, batch)
 // ---------------------------------------------------------------------------------------------
@@ -152,6 +182,7 @@ __global__ void __launch_bounds__(Cfg<D, MT, V>::THREADS, Cfg<D, MT, V>::MIN_BLO
   T* sV = sK + STAGES * TILE;
   T* sQ = sV + STAGES * TILE;
 
+  grid_dependency_sync();
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int mw = warp / K_WARPS, kw = warp % K_WARPS;
   const int split = blockIdx.x;
@@ -514,6 +545,7 @@ __global__ void __launch_bounds__(128) paged_decode_combine_kernel(const PagedDe
   const int64_t rows = (int64_t)p.batch * p.q_len * p.nheads;
   const int64_t row0 = (int64_t)blockIdx.x * RPB;
   const int S = p.num_splits;
+  grid_dependency_sync();
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
   for (int i = tid; i < RPB * S; i += 128) {
@@ -588,14 +620,13 @@ const char* launch_config(const PagedDecodeParams& p, cudaStream_t stream) {
     if (dev >= 0 && dev < 64) smem_set[dev] = true;
   }
   dim3 grid(p.num_splits, p.nheads_k * p.num_row_chunks, p.batch);
-  kernel<<<grid, C::THREADS, C::SMEM, stream>>>(p);
-  err = cudaGetLastError();
+  err = launch_kernel(kernel, grid, C::THREADS, C::SMEM, stream, p.pdl != 0, p);
   if (err != cudaSuccess) return cudaGetErrorString(err);
   if (p.num_splits > 1) {
     constexpr int RPB = 128 / (D / 4);
     const int64_t rows = (int64_t)p.batch * p.q_len * p.nheads;
-    paged_decode_combine_kernel<T, D><<<(unsigned)((rows + RPB - 1) / RPB), 128, 0, stream>>>(p);
-    err = cudaGetLastError();
+    err = launch_kernel(paged_decode_combine_kernel<T, D>, dim3((unsigned)((rows + RPB - 1) / RPB)), 128, 0,
+                        stream, p.pdl != 0, p);
     if (err != cudaSuccess) return cudaGetErrorString(err);
   }
   return nullptr;

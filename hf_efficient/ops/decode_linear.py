@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .rmsnorm import fusable, new_output, num_sms
+from .rmsnorm import fusable, new_output, num_sms, pdl_enabled
 
 try:
     import triton
@@ -112,6 +112,14 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _pdl_enter(PDL: tl.constexpr):
+        """Programmatic dependent launch: wait for the previous kernel (and its memory), then let the next one
+        launch. Everything before this call may only read data no earlier kernel of the step writes (weights)."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
     def _split_reduce(acc, WS, CNT, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Split-K fix-up over grid (m tiles, n tiles, SPLIT): every split stores its partial tile; the last split
         to arrive (atomic counter) sums the partials in split order (deterministic) and resets the counter.
@@ -139,7 +147,8 @@ if triton is not None:
         X, NW, W0, W1, W2, B0, B1, B2, Y, WS, CNT,
         M, K, N0, N1, T0, T1, N2, sxm, sym, eps, K_SPLIT,
         HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -165,6 +174,13 @@ if triton is not None:
         m_ok = rm < M
         n_ok = rn < n_size
         dt = Y.dtype.element_ty
+        k_lo = pid_s * K_SPLIT
+        k_hi = tl.minimum(K, k_lo + K_SPLIT)
+        if ONE_TILE:  # this program's whole weight tile, fetched before waiting for the previous kernel
+            kk1 = k_lo + rk
+            w1 = tl.load(w_ptr + rn[:, None] * K + kk1[None, :], mask=n_ok[:, None] & (kk1 < k_hi)[None, :],
+                         other=0.0)
+        _pdl_enter(PDL)
         if HAS_NORM:  # the full row's mean square, whatever part of K this program multiplies
             ss = tl.zeros([BLOCK_M], dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
@@ -173,8 +189,6 @@ if triton is not None:
                 xf = x.to(tl.float32)
                 ss += tl.sum(xf * xf, axis=1)
             r = 1.0 / tl.sqrt(ss / K + eps)
-        k_lo = pid_s * K_SPLIT
-        k_hi = tl.minimum(K, k_lo + K_SPLIT)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             kk = k0 + rk
@@ -184,7 +198,10 @@ if triton is not None:
                 nw = tl.load(NW + kk, mask=k_ok, other=0.0)
                 xn = (x.to(tl.float32) * r[:, None]).to(dt)
                 x = (nw.to(tl.float32)[None, :] * xn.to(tl.float32)).to(dt)
-            w = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            if ONE_TILE:
+                w = w1
+            else:
+                w = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             acc = _mma(acc, x, w, IEEE)
         last, acc = _split_reduce(acc, WS, CNT, SPLIT, BLOCK_M, BLOCK_N)
         if last:
@@ -197,7 +214,8 @@ if triton is not None:
     def _linear_residual_kernel(
         X, W, R, Y, WS, CNT, M, K, N, sxm, srm, sym, K_SPLIT,
         SILU_MUL: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -210,6 +228,10 @@ if triton is not None:
         dt = Y.dtype.element_ty
         k_lo = pid_s * K_SPLIT
         k_hi = tl.minimum(K, k_lo + K_SPLIT)
+        if ONE_TILE:  # this program's whole weight tile, fetched before waiting for the previous kernel
+            kk1 = k_lo + rk
+            w1 = tl.load(W + rn[:, None] * K + kk1[None, :], mask=n_ok[:, None] & (kk1 < k_hi)[None, :], other=0.0)
+        _pdl_enter(PDL)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             kk = k0 + rk
@@ -221,7 +243,10 @@ if triton is not None:
                 g = x.to(tl.float32)
                 act = (g / (1.0 + tl.exp(-g))).to(dt)
                 x = (act.to(tl.float32) * up.to(tl.float32)).to(dt)
-            w = tl.load(W + rn[:, None] * K + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            if ONE_TILE:
+                w = w1
+            else:
+                w = tl.load(W + rn[:, None] * K + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             acc = _mma(acc, x, w, IEEE)
         last, acc = _split_reduce(acc, WS, CNT, SPLIT, BLOCK_M, BLOCK_N)
         if last:
@@ -235,8 +260,9 @@ if triton is not None:
     @triton.jit
     def _rope_store_kernel(
         QKV, POS, INV, QO, KP, VP, SLOTS, sqm, scaling, H, HK,
-        D: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+        D: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr,
     ):
+        _pdl_enter(PDL)
         m = tl.program_id(0)
         h = tl.program_id(1)  # 0..H-1: q heads, H..H+HK-1: k heads (and the v head of the same index)
         dt = QKV.dtype.element_ty
@@ -274,20 +300,28 @@ if triton is not None:
 # Launchers
 # ----------------------------------------------------------------------------------------------
 
-def tiles(m: int, n: int, k: int, device: torch.device, n_tiles: int | None = None) -> tuple[int, ...]:
+def tiles(m: int, n: int, k: int, device: torch.device, n_tiles: int | None = None,
+          prefetch: bool = False) -> tuple[int, ...]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, split, k_per_split) for an (m x k) @ (k x n) projection.
 
     Small m is a weight stream, bound by how many bytes are in flight: about four programs per SM,
     splitting K (deterministic split-K fix-up) when the output has too few tiles. Larger m is a GEMM tile.
     ``n_tiles``: output tiles when ``n`` is several weights side by side (each weight's rows tile separately).
+    ``prefetch`` (programmatic dependent launch): when the projection fits, every program multiplies a single
+    weight tile (``k_per_split == BLOCK_K``), which it loads before waiting for the previous kernel.
     """
     if m > 16:
         bm, bn, bk = (32 if m <= 32 else 64), 64, max(16, min(64, triton.next_power_of_2(k)))
         return bm, bn, bk, 4, 3, 1, k
-    bk = max(16, min(128, triton.next_power_of_2(k)))
     sms = num_sms(device)
     bn = 64 if triton.cdiv(n, 64) >= 2 * sms else 32 if n >= 32 else 16
     tiles_n = n_tiles(bn) if callable(n_tiles) else triton.cdiv(n, bn)
+    if prefetch:
+        bk = max(16, min(triton.next_power_of_2(k), PREFETCH_TILE // bn))
+        split = triton.cdiv(k, bk)
+        if split <= MAX_SPLIT and tiles_n * split <= 8 * sms:
+            return 16, bn, bk, 4, 1, split, bk
+    bk = max(16, min(128, triton.next_power_of_2(k)))
     split = max(1, min(triton.cdiv(4 * sms, tiles_n), triton.cdiv(k, 2 * bk), MAX_SPLIT))
     k_per = triton.cdiv(triton.cdiv(k, split), bk) * bk
     split = triton.cdiv(k, k_per)
@@ -295,6 +329,7 @@ def tiles(m: int, n: int, k: int, device: torch.device, n_tiles: int | None = No
 
 
 MAX_SPLIT = 16
+PREFETCH_TILE = 8192  # weight elements one program holds in registers while it waits (64 per thread at 4 warps)
 _WORKSPACE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 _RETIRED: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -370,8 +405,9 @@ def norm_linear(x: torch.Tensor, weights: list[torch.Tensor], norm_weight: torch
     if m == 0:
         return y
     nw = [n for n in ns if n]
+    pdl = pdl_enabled(x.device)
     bm, bn, bk, warps, stages, split, k_per = tiles(
-        m, max(ns), k, x.device, n_tiles=lambda b: sum(triton.cdiv(n, b) for n in nw))
+        m, max(ns), k, x.device, n_tiles=lambda b: sum(triton.cdiv(n, b) for n in nw), prefetch=_prefetch(x.device))
     t0, t1, t2 = (triton.cdiv(n, bn) for n in ns)
     ws = list(weights) + [weights[0]] * (3 - len(weights))
     has_bias = any(b is not None for b in biases)
@@ -386,9 +422,19 @@ def norm_linear(x: torch.Tensor, weights: list[torch.Tensor], norm_weight: torch
         work if work is not None else y, cnt if cnt is not None else y,
         m, k, ns[0], ns[1], t0, t1, ns[2], x.stride(0), y.stride(0), float(eps), k_per,
         HAS_NORM=norm_weight is not None, HAS_BIAS=has_bias, IEEE=x.dtype == torch.float32, SPLIT=split,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ONE_TILE=k_per == bk, **_pdl_kw(pdl), num_warps=warps,
+        num_stages=stages,
     )
     return y
+
+
+def _prefetch(device: torch.device) -> bool:
+    """Single-tile programs that fetch their weights before waiting: worth it when kernels launch early (PDL)."""
+    return pdl_enabled(device)
+
+
+def _pdl_kw(pdl: bool) -> dict:
+    return {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
 
 
 def linear_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None,
@@ -423,7 +469,8 @@ def linear_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tenso
     y = out if out is not None else new_output((m, n), x.dtype, x.device)
     if m == 0:
         return y
-    bm, bn, bk, warps, stages, split, k_per = tiles(m, n, k, x.device)
+    pdl = pdl_enabled(x.device)
+    bm, bn, bk, warps, stages, split, k_per = tiles(m, n, k, x.device, prefetch=_prefetch(x.device))
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
     work, cnt = _workspace(x.device, split, grid[0] * grid[1], bm * bn)
     _linear_residual_kernel[grid](
@@ -431,7 +478,8 @@ def linear_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tenso
         work if work is not None else y, cnt if cnt is not None else y, m, k, n,
         x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0), k_per,
         SILU_MUL=silu_mul, HAS_RES=residual is not None, IEEE=x.dtype == torch.float32, SPLIT=split,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ONE_TILE=k_per == bk, **_pdl_kw(pdl), num_warps=warps,
+        num_stages=stages,
     )
     return y
 
@@ -469,6 +517,6 @@ def rope_store(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tenso
         return q
     _rope_store_kernel[(m, nheads + nheads_k)](
         qkv, positions, inv_freq, q, k_pool, v_pool, slots, qkv.stride(0), float(scaling), nheads, nheads_k,
-        D=d, HALF=d // 2, BLOCK_HALF=triton.next_power_of_2(d // 2), num_warps=1,
+        D=d, HALF=d // 2, BLOCK_HALF=triton.next_power_of_2(d // 2), **_pdl_kw(pdl_enabled(qkv.device)), num_warps=1,
     )
     return q

@@ -20,6 +20,7 @@ import warnings
 import torch
 
 from .jit import Extension, JitSpec, Unit
+from .rmsnorm import pdl_enabled
 
 MAX_KERNEL_Q_LEN = 16
 KERNEL_HEAD_DIMS = (64, 128, 256)
@@ -287,7 +288,7 @@ def _run_cuda(q, k_cache, v_cache, seqlens, block_table, batch_idx, leftpad, ali
         op = alloc_output((num_splits, B, Tq, H, D), torch.float32, q.device)
         lp = alloc_output((num_splits, B, Tq, H), torch.float32, q.device)
     args = (q, k_cache, v_cache, seqlens, block_table, batch_idx, leftpad, alibi, out, lse, op, lp, scale, softcap,
-            wl, wr, num_splits, tiles_per_split, variant)
+            wl, wr, num_splits, tiles_per_split, variant, pdl_enabled(q.device))
     if q.device.index == torch.cuda.current_device():
         ops.paged_decode(*args, torch.cuda.current_stream().cuda_stream)
     else:

@@ -117,6 +117,26 @@ def num_sms(device: torch.device) -> int:
     return _SM_COUNT[index]
 
 
+_PDL: dict[int, bool] = {}
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Launch the decode kernels with programmatic dependent launch: each may start (and fetch its weights) while
+    the kernel before it still runs, then waits for it before reading its output. Hopper (sm_90) and newer, with a
+    Triton that exposes it; ``HF_EFFICIENT_PDL=0`` turns it off."""
+    if device.type != "cuda" or os.environ.get("HF_EFFICIENT_PDL", "1") == "0":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _PDL:
+        try:
+            from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
+            has_triton = True
+        except ImportError:
+            has_triton = False
+        _PDL[index] = has_triton and torch.cuda.get_device_capability(index)[0] >= 9
+    return _PDL[index]
+
+
 def num_programs_hint(device: torch.device) -> int:
     """Programs that keep every SM busy (a few per SM); small on the CPU interpreter."""
     return 4 * num_sms(device)

@@ -116,6 +116,26 @@ def test_split_k_is_planned_and_deterministic(device):
     assert int(cnt.abs().sum()) == 0
 
 
+@pytest.mark.parametrize("m", [1, 16])
+def test_single_tile_programs(device, monkeypatch, m):
+    """The plan used with programmatic dependent launch: every program multiplies one weight tile that it loads
+    before waiting for the previous kernel (forced here, so the CPU interpreter checks it too)."""
+    monkeypatch.setattr(dl, "_prefetch", lambda device: True)
+    plan = dl.tiles(m, 56, 1000, torch.device(device), prefetch=True)
+    assert plan[2] == plan[6] and plan[5] == -(-1000 // plan[2]), plan
+    r = _gen(m)
+    dtype = torch.float16
+    x64, w64, res64 = r(m, 2000, scale=2.0).double(), r(56, 1000, scale=0.03).double(), r(m, 56).double()
+    x, w, res = (t.to(device, dtype) for t in (x64, w64, res64))
+    _assert_accurate(dl.linear_residual(x, w, res, silu_mul=True), dl.linear_residual_reference(x, w, res, True),
+                     dl.linear_residual_reference(x64, w64, res64, True).to(device))
+    ws64 = [r(n, 600, scale=0.04).double() for n in (72, 24, 24)]
+    xn64, nw64 = r(m, 600).double(), (1 + 0.3 * r(600)).double()
+    xn, nw, ws = xn64.to(device, dtype), nw64.to(device, dtype), [t.to(device, dtype) for t in ws64]
+    _assert_accurate(dl.norm_linear(xn, ws, nw, 1e-5), dl.norm_linear_reference(xn, ws, nw, 1e-5),
+                     dl.norm_linear_reference(xn64, ws64, nw64, 1e-5).to(device))
+
+
 def test_bad_inputs_name_the_argument(device):
     x = torch.randn(2, 16, device=device)
     with pytest.raises(ValueError, match=r"weights\[1\]"):

@@ -1,0 +1,164 @@
+"""Decode-step probe for tuning on the GPU (not a benchmark of record: random-init models, no anchors).
+
+For the SmolLM2 shape and the 1B Llama shape at batch 1 it times, with programmatic dependent launch on and off
+(``HF_EFFICIENT_PDL``): tokens/s of one 256-token greedy call, back-to-back replays of the captured step, and the
+GPU timeline of one call from the profiler: busy time, the idle gaps between kernels, and the host functions
+running during the largest gaps. Writes ``probe.json`` (and a gzipped trace of one call) into the given folder.
+
+    python scripts/gpu_probe.py OUT_DIR
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hf_efficient.generation.engine import DecodeEngine
+from hf_efficient.generation.sampling import SamplingParams
+
+SHAPES = {
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    "llama1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                    num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+}
+
+
+def _model(shape):
+    cfg = LlamaConfig(max_position_embeddings=8192, **SHAPES[shape])
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    return model.eval()
+
+
+def _timed(fn):
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
+def _replay_ms(engine) -> float | None:
+    if not engine._graphs:
+        return None
+    graph = next(iter(engine._graphs.values()))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    reps = 0
+    start.record()
+    for _ in range(8):
+        engine.hist_idx.zero_()
+        for _ in range(engine.sync_every - 1):
+            graph.replay()
+            reps += 1
+    end.record()
+    torch.cuda.synchronize()
+    engine.hist_idx.zero_()
+    return start.elapsed_time(end) / reps
+
+
+def _timeline(engine, prompt, params, trace_path: Path | None) -> dict:
+    """GPU busy/idle over one call, and what the host ran during the largest idle gaps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        engine.generate([prompt], params)
+        torch.cuda.synchronize()
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"trace_{os.getpid()}.json"
+    prof.export_chrome_trace(str(path))
+    trace = json.loads(path.read_text())
+    path.unlink()
+    if trace_path is not None:
+        with gzip.open(trace_path, "wt") as f:
+            json.dump(trace, f)
+    events = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
+    gpu = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                 key=lambda e: e["ts"])
+    cpu = [e for e in events if e.get("cat") in ("cpu_op", "python_function", "user_annotation", "cuda_runtime",
+                                                  "cuda_driver")]
+    if not gpu:
+        return {}
+    busy, gaps, end = 0.0, [], gpu[0]["ts"]
+    for e in gpu:
+        if e["ts"] > end:
+            gaps.append((e["ts"] - end, end))
+        busy += e["dur"]
+        end = max(end, e["ts"] + e["dur"])
+    span = end - gpu[0]["ts"]
+    first_cpu = min(e["ts"] for e in cpu) if cpu else gpu[0]["ts"]
+    big = sorted(gaps, reverse=True)[:12]
+
+    def during(t0, t1):
+        names = {}
+        for e in cpu:
+            if e["ts"] < t1 and e["ts"] + e["dur"] > t0 and e["dur"] < 5e5:
+                names[e["name"][:60]] = names.get(e["name"][:60], 0) + 1
+        return sorted(names, key=lambda n: -names[n])[:8]
+
+    return {
+        "gpu_span_ms": span / 1e3, "gpu_busy_ms": busy / 1e3, "idle_ms": (span - busy) / 1e3,
+        "host_before_first_gpu_ms": (gpu[0]["ts"] - first_cpu) / 1e3,
+        "gaps_over_20us": sum(1 for g, _ in gaps if g > 20), "idle_in_gaps_over_20us_ms":
+            sum(g for g, _ in gaps if g > 20) / 1e3,
+        "largest_gaps": [{"us": round(g, 1), "at_ms": round((t - gpu[0]["ts"]) / 1e3, 2), "host": during(t, t + g)}
+                         for g, t in big],
+    }
+
+
+def _one(model, prompt, shape: str, pdl: str, out: Path) -> dict:
+    os.environ["HF_EFFICIENT_PDL"] = pdl
+    engine = DecodeEngine(model, max_batch=1, max_tokens=1024, sync_every=16, native=True)
+    p256 = SamplingParams(temperature=0.0, max_tokens=256, ignore_eos=True)
+    p64 = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    _, warm = _timed(lambda: engine.generate([prompt], p64))
+    engine.generate([prompt], p256)
+    outs, t256 = _timed(lambda: engine.generate([prompt], p256))
+    _, t64 = _timed(lambda: engine.generate([prompt], p64))
+    per_tok = (t256 - t64) / 192
+    row = {
+        "tok_s_256": 256 / t256, "warmup_s": warm, "replay_ms": _replay_ms(engine),
+        "marginal_ms_per_token": 1e3 * per_tok, "fixed_ms_per_call": 1e3 * (t64 - 64 * per_tok),
+        "tokens_head": outs[0][0].output[:8],
+    }
+    trace = out / f"trace_{shape}_pdl{pdl}.json.gz" if shape == "smollm2" else None
+    row["timeline_64"] = _timeline(engine, prompt, p64, trace)
+    print(shape, pdl, {k: v for k, v in row.items() if k != "timeline_64"}, flush=True)
+    return row
+
+
+def probe(shape: str, out: Path) -> dict:
+    model = _model(shape)
+    prompt = list(range(100, 140))
+    res = {f"pdl={pdl}": _one(model, prompt, shape, pdl, out) for pdl in ("0", "1")}
+    torch.cuda.empty_cache()
+    res["same_tokens_pdl_on_off"] = res["pdl=0"]["tokens_head"] == res["pdl=1"]["tokens_head"]
+    return res
+
+
+def main() -> int:
+    out = Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    shapes = sys.argv[2:] or list(SHAPES)
+    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    for shape in shapes:
+        try:
+            result[shape] = probe(shape, out)
+        except Exception as err:  # report and go on with the next shape
+            import traceback
+
+            traceback.print_exc()
+            result[shape] = {"error": repr(err)[:500]}
+        (out / "probe.json").write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
