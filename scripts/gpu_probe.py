@@ -113,6 +113,33 @@ def _timeline(engine, prompt, params, trace_path: Path | None) -> dict:
     }
 
 
+def _phases(engine, prompt, params) -> dict:
+    """Host time of one call split by engine phase (a sync inside a phase counts its wait for the GPU)."""
+    names = ("_native_check", "_admit", "_prefill", "_first_tokens", "_sync", "_decode_step", "_reserve")
+    spent = {n: 0.0 for n in names}
+    originals = {n: getattr(engine, n) for n in names}
+
+    def wrap(n):
+        fn = originals[n]
+
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[n] += time.perf_counter() - t0
+        return timed
+
+    for n in names:
+        setattr(engine, n, wrap(n))
+    try:
+        _, total = _timed(lambda: engine.generate([prompt], params))
+    finally:
+        for n in names:
+            delattr(engine, n)
+    return {"total": 1e3 * total, **{n: 1e3 * v for n, v in spent.items()}}
+
+
 def _one(model, prompt, shape: str, pdl: str, out: Path) -> dict:
     os.environ["HF_EFFICIENT_PDL"] = pdl
     engine = DecodeEngine(model, max_batch=1, max_tokens=1024, sync_every=16, native=True)
@@ -128,6 +155,7 @@ def _one(model, prompt, shape: str, pdl: str, out: Path) -> dict:
         "marginal_ms_per_token": 1e3 * per_tok, "fixed_ms_per_call": 1e3 * (t64 - 64 * per_tok),
         "tokens_head": outs[0][0].output[:8],
     }
+    row["host_phases_ms_256"] = _phases(engine, prompt, p256)
     trace = out / f"trace_{shape}_pdl{pdl}.json.gz" if shape == "smollm2" else None
     row["timeline_64"] = _timeline(engine, prompt, p64, trace)
     print(shape, pdl, {k: v for k, v in row.items() if k != "timeline_64"}, flush=True)

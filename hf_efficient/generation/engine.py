@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import logging
 import math
 import time
@@ -30,7 +31,7 @@ import torch
 
 from ..cache.allocator import CacheFullError
 from ..cache.paged import PagedCache, StepPlan
-from .native import NativeDecoder
+from .native import NATIVE_PREFILL_TOKENS, NativeDecoder
 from .native import auto_reason as native_auto_reason
 from .native import unsupported_reason as native_unsupported_reason
 from .sampling import BatchSampler, SamplingParams, StopStringMatcher, h2d
@@ -72,6 +73,7 @@ class EngineStats:
     decode_steps: int = 0
     generated_tokens: int = 0
     preemptions: int = 0
+    native_prefills: int = 0  # prefills run through the native kernels (the rest: the model's forward)
     graph_capture_s: float = 0.0
     graph_buckets: list[int] = field(default_factory=list)
     eager_reason: str | None = None
@@ -339,9 +341,19 @@ class DecodeEngine:
             last.append(len(ids) - 1)
             self._give_blocks(group, blocks)
         dev = self.device
+        slots_t = torch.cat(slots)
+        self.stats.prefill_tokens += len(ids)
+        if self._native is not None and len(ids) <= NATIVE_PREFILL_TOKENS:
+            lens = [len(g[0].context) for g in groups]
+            ids_t, pos_t, slots_t, last_t, cu = (h2d(v, dt, dev) for v, dt in (
+                (ids, torch.long), (torch.cat(pos), torch.long), (slots_t, torch.long), (last, torch.long),
+                ([0, *itertools.accumulate(lens)], torch.int32)))
+            logits = self._native.prefill(ids_t, pos_t, slots_t, cu, max(lens), last_t)
+            self.stats.native_prefills += 1
+            return self._first_tokens(groups, logits.float())
         plan = StepPlan(
             q_len=len(ids), lens_before=[0], n_new=[len(ids)], q_idx=None,
-            write_slots=torch.cat(slots).to(dev),
+            write_slots=slots_t.to(dev),
             block_table=self.block_table[:1], cache_seqlens=self.seqlens_after[:1],
         )
         self.cache.plan = plan
@@ -352,7 +364,6 @@ class DecodeEngine:
             use_cache=True,
             logits_to_keep=torch.tensor(last, device=dev),
         )
-        self.stats.prefill_tokens += len(ids)
         self._first_tokens(groups, out.logits[0].float())
 
     def _prefill_chunked(self, group: list[Request]) -> None:
@@ -407,22 +418,27 @@ class DecodeEngine:
         slot_t = torch.tensor(new_slots, device=dev)
         tok, lp = self.sampler.sample(logits[torch.tensor(rows, device=dev)], slots=slot_t, logprobs="raw")
         tok_host, lp_host = tok.tolist(), lp.tolist()
-        for req, t, p in zip([r for grp in groups for r in grp], tok_host, lp_host):
+        reqs = [r for grp in groups for r in grp]
+        for req, t, p in zip(reqs, tok_host, lp_host):
             req.output.append(t)
             req.logprobs.append(p)
             self._check_finished(req)
-            self._load_slot(req)
+        self._load_slots(reqs)
         self.stats.generated_tokens += len(tok_host)
 
-    def _load_slot(self, req: Request) -> None:
-        """Write a request's device state (next input token, position, block table row) into its slot."""
-        s = req.slot
-        self.tokens[s] = req.output[-1] if req.output else req.prompt[-1]
-        self.positions[s] = req.stored
-        self.active[s] = 1
-        row = torch.full((self.max_blocks,), self.scratch, dtype=torch.int32)
-        row[: len(req.blocks)] = torch.tensor(req.blocks, dtype=torch.int32)
-        self.block_table[s].copy_(row.to(self.device))
+    def _load_slots(self, reqs: list[Request]) -> None:
+        """Write the requests' device state (next input token, position, block table row) into their slots, with
+        one pinned host->device copy (no stream sync)."""
+        rows = torch.full((len(reqs), 4 + self.max_blocks), self.scratch, dtype=torch.long)
+        for i, req in enumerate(reqs):
+            rows[i, :4] = torch.tensor([req.slot, req.output[-1] if req.output else req.prompt[-1], req.stored, 1])
+            rows[i, 4: 4 + len(req.blocks)] = torch.tensor(req.blocks)
+        dev = h2d(rows, torch.long, self.device)
+        slot = dev[:, 0]
+        self.tokens[slot] = dev[:, 1]
+        self.positions[slot] = dev[:, 2]
+        self.active[slot] = dev[:, 3]
+        self.block_table[slot] = dev[:, 4:].to(torch.int32)
 
     # ------------------------------------------------------------------ decode
 

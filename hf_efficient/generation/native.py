@@ -15,8 +15,9 @@ kernel                                 replaces
 ``linear_residual`` (SiLU-mul prologue)                   SiLU(gate) * up, down projection + residual add
 =====================================  ======================================================================
 
-plus the embedding lookup and the final norm + LM head (one ``norm_linear``). Prefill keeps running through the
-model's own forward. :func:`unsupported_reason` says why a model is not served natively (other families, PEFT
+plus the embedding lookup and the final norm + LM head (one ``norm_linear``). Short prefills (prompts with nothing
+cached before them, up to ``NATIVE_PREFILL_TOKENS`` packed tokens) run through the same kernels with flash attention
+over each prompt, instead of the model's forward; longer ones keep the model's forward (cuBLAS GEMMs). :func:`unsupported_reason` says why a model is not served natively (other families, PEFT
 adapters or other wrapped projections, module hooks, dynamic rotary scaling, ...); the engine then runs the
 model's forward for decode too.
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from ..attention.flash_api import flash_attn_varlen_func
 from ..ops.decode_linear import kernels_usable, linear_residual, norm_linear, rope_store
 from ..ops.paged_decode import paged_decode
 
@@ -34,6 +36,8 @@ FAMILIES = ("llama", "mistral", "qwen2")
 #: 2048) 423 vs 509 — its projections are large enough for cuBLAS to stream them faster than these kernels.
 AUTO_MAX_HIDDEN = 1024
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+#: Most packed prompt tokens the engine prefills through the native kernels (more go through the model's forward).
+NATIVE_PREFILL_TOKENS = 1024
 
 
 def _plain_linear(mod, name: str, bias_ok: bool = False) -> str | None:
@@ -135,8 +139,36 @@ class NativeDecoder:
         """tokens/positions ``(b,)`` int64, slots ``(b,)`` int64 flat cache slot of each new token, seqlens ``(b,)``
         int32 keys per sequence including the new one, block_table ``(b, max_blocks)`` int32. Returns logits
         ``(b, vocab)`` in the model dtype. No host synchronisation (CUDA-graph safe)."""
-        base, b = self.base, tokens.shape[0]
-        h_, hk, d = self.heads, self.kv_heads, self.head_dim
+        b, h_, d = tokens.shape[0], self.heads, self.head_dim
+
+        def attend(i, q, attn):
+            o = paged_decode(q.view(b, 1, h_, d), self.cache.layers[i].k_pool, self.cache.layers[i].v_pool,
+                             seqlens, block_table, softmax_scale=attn.scaling, causal=True,
+                             window_size=self.windows[i])
+            return o.view(b, h_ * d)
+
+        return self._layers(tokens, positions, slots, attend)
+
+    def prefill(self, tokens, positions, slots, cu_seqlens, max_seqlen: int, last) -> torch.Tensor:
+        """Prompts with nothing cached before them, packed: tokens/positions/slots ``(T,)`` int64, ``cu_seqlens``
+        ``(prompts + 1,)`` int32 offsets of each prompt, ``last`` ``(prompts,)`` int64 rows whose logits are
+        returned ``(prompts, vocab)``. Writes every token's K/V to its slot. Projections run as Triton GEMM tiles
+        (meant for short prefills, where the model's forward is bound by its ~17 launches per layer)."""
+        t, h_, hk, d = tokens.shape[0], self.heads, self.kv_heads, self.head_dim
+
+        def attend(i, q, attn):
+            pool = self.cache.layers[i]
+            k = pool.k_pool.view(-1, hk, d).index_select(0, slots)
+            v = pool.v_pool.view(-1, hk, d).index_select(0, slots)
+            o = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                       softmax_scale=attn.scaling, causal=True, window_size=self.windows[i])
+            return o.view(t, h_ * d)
+
+        return self._layers(tokens, positions, slots, attend, last)
+
+    def _layers(self, tokens, positions, slots, attend, last=None) -> torch.Tensor:
+        base = self.base
+        h_, hk = self.heads, self.kv_heads
         rot = base.rotary_emb
         scaling = float(getattr(rot, "attention_scaling", 1.0))
         h = torch.nn.functional.embedding(tokens, base.embed_tokens.weight)
@@ -147,10 +179,10 @@ class NativeDecoder:
             biases = [p.bias for p in projs] if any(p.bias is not None for p in projs) else None
             qkv = norm_linear(h, [p.weight for p in projs], ln1.weight, ln1.variance_epsilon, biases)
             q = rope_store(qkv, positions, rot.inv_freq, scaling, h_, hk, pool.k_pool, pool.v_pool, slots)
-            o = paged_decode(q.view(b, 1, h_, d), pool.k_pool, pool.v_pool, seqlens, block_table,
-                             softmax_scale=attn.scaling, causal=True, window_size=self.windows[i])
-            linear_residual(o.view(b, h_ * d), attn.o_proj.weight, h, out=h)
+            linear_residual(attend(i, q, attn), attn.o_proj.weight, h, out=h)
             gu = norm_linear(h, [mlp.gate_proj.weight, mlp.up_proj.weight], ln2.weight, ln2.variance_epsilon)
             linear_residual(gu, mlp.down_proj.weight, h, silu_mul=True, out=h)
+        if last is not None:
+            h = h.index_select(0, last)
         return norm_linear(h, [self.model.get_output_embeddings().weight], base.norm.weight,
                            base.norm.variance_epsilon)

@@ -34,8 +34,8 @@ def _engine(model, **kw):
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
 def test_native_matches_model_forward(family):
-    """Mixed-length batch, greedy: the native step and the model's forward agree (Mistral: sliding window shorter
-    than the sequences; Qwen2: q/k/v biases)."""
+    """Mixed-length batch, greedy: the native step (and native prefill) and the model's forward agree (Mistral:
+    sliding window shorter than the sequences; Qwen2: q/k/v biases)."""
     over = {"sliding_window": 12} if family == "mistral" else {}
     model = tiny_model(family, dtype=torch.float16, seed=3, **over).to(_device())
     prompts = _prompts([5, 17, 30], model.config.vocab_size, seed=3)
@@ -47,6 +47,8 @@ def test_native_matches_model_forward(family):
     for engine in (native, forward):
         runs = [g[0] for g in engine.generate(prompts, params)]
         assert_within_noise(model, prompts, runs)
+    # short prompts are prefilled by the native kernels too (flash attention per prompt, window for Mistral)
+    assert native.stats.native_prefills > 0 and forward.stats.native_prefills == 0
 
 
 def test_native_and_model_forward_buckets_share_the_cache():

@@ -112,7 +112,7 @@ def test_split_k_is_planned_and_deterministic(device):
     first = dl.linear_residual(x, w)
     for _ in range(3):
         assert torch.equal(dl.linear_residual(x, w), first)
-    _, cnt = dl._WORKSPACE[(torch.device(device).type, torch.device(device).index)]
+    _, cnt = dl._WORKSPACE[(x.device.type, x.device.index)]
     assert int(cnt.abs().sum()) == 0
 
 
