@@ -80,6 +80,10 @@ class EngineStats:
     native_reason: str | None = None  # why decode steps run the model's forward (None: native fused kernels)
 
 
+#: token buckets of captured native prefills (padded up to the next one)
+_PREFILL_BUCKETS = tuple(16 << i for i in range(16) if 16 << i < NATIVE_PREFILL_TOKENS) + (NATIVE_PREFILL_TOKENS,)
+
+
 def _model_dims(model) -> tuple[int, int, int]:
     cfg = model.config.get_text_config(decoder=True)
     heads = cfg.num_attention_heads
@@ -178,6 +182,7 @@ class DecodeEngine:
             self.stats.eager_reason = "model is not on CUDA" if self.device.type != "cuda" else "disabled"
         self.buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b < max_batch] + [max_batch]
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self._prefill_io: dict[tuple, list] = {}  # static inputs/output of each captured prefill graph
         self._plans = {b: self._static_plan(b) for b in self.buckets}
         self._active: list[Request] = []  # slot i holds _active[i]
         self._next_rid = 0
@@ -344,12 +349,7 @@ class DecodeEngine:
         slots_t = torch.cat(slots)
         self.stats.prefill_tokens += len(ids)
         if self._native is not None and len(ids) <= NATIVE_PREFILL_TOKENS:
-            lens = [len(g[0].context) for g in groups]
-            ids_t, pos_t, slots_t, last_t, cu = (h2d(v, dt, dev) for v, dt in (
-                (ids, torch.long), (torch.cat(pos), torch.long), (slots_t, torch.long), (last, torch.long),
-                ([0, *itertools.accumulate(lens)], torch.int32)))
-            logits = self._native.prefill(ids_t, pos_t, slots_t, cu, max(lens), last_t)
-            self.stats.native_prefills += 1
+            logits = self._native_prefill(ids, torch.cat(pos), slots_t, last, [len(g[0].context) for g in groups])
             return self._first_tokens(groups, logits.float())
         plan = StepPlan(
             q_len=len(ids), lens_before=[0], n_new=[len(ids)], q_idx=None,
@@ -365,6 +365,37 @@ class DecodeEngine:
             logits_to_keep=torch.tensor(last, device=dev),
         )
         self._first_tokens(groups, out.logits[0].float())
+
+    def _native_prefill(self, ids, pos, slots, last, lens) -> torch.Tensor:
+        """Packed prompts through the native kernels; with CUDA graphs, replayed from a graph per (tokens, prompts)
+        bucket: a short prefill is bound by launches, ~8 per layer. Padding tokens write to the scratch block and
+        belong to no prompt (empty sequences pad the offsets). Returns logits (prompts, vocab)."""
+        t, g = len(ids), len(lens)
+        # eager calls pad the same way, so that both run the same kernel configurations (bitwise-equal results)
+        tb, gb = next(b for b in _PREFILL_BUCKETS if b >= t), self._bucket(g)
+        pad = self.scratch * self.block_size
+        cu = list(itertools.accumulate(lens, initial=0))
+        host = torch.zeros(4 * tb + 2 * gb + 1, dtype=torch.long)
+        host[:t], host[tb: tb + t], host[2 * tb: 2 * tb + t] = torch.tensor(ids), pos, slots
+        host[2 * tb + t: 3 * tb] = pad
+        host[3 * tb: 3 * tb + g] = torch.tensor(last)
+        host[3 * tb + gb: 3 * tb + gb + g + 1] = torch.tensor(cu)
+        host[3 * tb + gb + g + 1: 3 * tb + 2 * gb + 1] = cu[-1]
+        dev = h2d(host, torch.long, self.device)
+        ids_t, pos_t, slots_t = dev[:tb], dev[tb: 2 * tb], dev[2 * tb: 3 * tb]
+        last_t, cu_t = dev[3 * tb: 3 * tb + gb], dev[3 * tb + gb: 3 * tb + 2 * gb + 1].to(torch.int32)
+        self.stats.native_prefills += 1
+        if not self.cuda_graphs:
+            return self._native.prefill(ids_t, pos_t, slots_t, cu_t, tb, last_t)[:g]
+        key = ("prefill", tb, gb)
+        if key not in self._graphs:
+            self._prefill_io[key] = [ids_t, pos_t, slots_t, cu_t, last_t, None]
+            self._capture(key)
+        io = self._prefill_io[key]
+        for buf, val in zip(io[:5], (ids_t, pos_t, slots_t, cu_t, last_t)):
+            buf.copy_(val)
+        self._graphs[key].replay()
+        return io[5][:g]
 
     def _prefill_chunked(self, group: list[Request]) -> None:
         prompt, bs, dev = group[0].context, self.block_size, self.device
@@ -556,6 +587,8 @@ class DecodeEngine:
         self.hist_idx += 1
 
     def _capture(self, key) -> torch.cuda.CUDAGraph:
+        if key[0] == "prefill":
+            return self._capture_prefill(key)
         start = time.perf_counter()
         b = key[0]
         plan = self._plans[b]
@@ -571,6 +604,25 @@ class DecodeEngine:
         with torch.cuda.graph(graph):
             self._body(key, plan)
         self._restore_state(b, saved)
+        self._graphs[key] = graph
+        self.stats.graph_capture_s += time.perf_counter() - start
+        self.stats.graph_buckets.append(key)
+        return graph
+
+    def _capture_prefill(self, key) -> torch.cuda.CUDAGraph:
+        """Prefill graph over the static inputs in ``_prefill_io[key]`` (which hold this call's prompts: the eager
+        warm-up and the capture write the same K/V the replay writes again)."""
+        start = time.perf_counter()
+        io = self._prefill_io[key]
+        run = lambda: self._native.prefill(*io[:4], key[1], io[4])  # noqa: E731
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            run()  # warm up (Triton compiles and autotunes) outside the graph
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            io[5] = run()
         self._graphs[key] = graph
         self.stats.graph_capture_s += time.perf_counter() - start
         self.stats.graph_buckets.append(key)
