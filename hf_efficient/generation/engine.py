@@ -33,6 +33,7 @@ from ..cache.allocator import CacheFullError
 from ..cache.paged import PagedCache, StepPlan
 from .native import NATIVE_PREFILL_TOKENS, NativeDecoder
 from .native import auto_reason as native_auto_reason
+from .native import structure_key as native_structure_key
 from .native import unsupported_reason as native_unsupported_reason
 from .sampling import BatchSampler, SamplingParams, StopStringMatcher, h2d
 
@@ -201,6 +202,9 @@ class DecodeEngine:
 
     def _native_check(self) -> None:
         """(Re)decide the native decode path: the model may have gained adapters or hooks since the last call."""
+        key = native_structure_key(self.model)
+        if key == self._checked:
+            return
         if self.native_request is False:
             reason = "disabled (native=False)"
         else:
@@ -215,6 +219,9 @@ class DecodeEngine:
         if reason is not None and reason != self.stats.native_reason and self.native_request is not False:
             logger.info("decode steps run the model's forward: %s", reason)
         self.stats.native_reason = reason
+        self._checked = key
+
+    _checked: tuple | None = None
 
     # ------------------------------------------------------------------ public API
 
@@ -446,8 +453,9 @@ class DecodeEngine:
                 )
                 rows.append(g)
                 new_slots.append(req.slot)
-        slot_t = torch.tensor(new_slots, device=dev)
-        tok, lp = self.sampler.sample(logits[torch.tensor(rows, device=dev)], slots=slot_t, logprobs="raw")
+        idx = h2d([new_slots, rows], torch.long, dev)
+        tok, lp = self.sampler.sample(logits.index_select(0, idx[1]), slots=idx[0], logprobs="raw",
+                                      **self.sampler.static_flags(new_slots))
         tok_host, lp_host = tok.tolist(), lp.tolist()
         reqs = [r for grp in groups for r in grp]
         for req, t, p in zip(reqs, tok_host, lp_host):

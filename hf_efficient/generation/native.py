@@ -103,6 +103,20 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
+def structure_key(model) -> tuple:
+    """Identity of every module and parameter, with hook counts and parameter dtypes/devices: while it is unchanged,
+    so is :func:`unsupported_reason`'s verdict (a cheap walk; adapters, hooks and casts all change it)."""
+    out, stack = [], [model]
+    while stack:
+        mod = stack.pop()
+        d = mod.__dict__
+        out.append((id(mod), len(d.get("_forward_hooks", ())), len(d.get("_forward_pre_hooks", ())),
+                    "_hf_hook" in d))
+        out.extend((id(p), p.dtype, p.device) for p in d.get("_parameters", {}).values() if p is not None)
+        stack.extend(c for c in d.get("_modules", {}).values() if c is not None)
+    return tuple(out)
+
+
 def auto_reason(model) -> str | None:
     """Why the engine does not pick the native step by itself for a supported model (None: it does)."""
     hidden = model.config.get_text_config(decoder=True).hidden_size

@@ -310,10 +310,13 @@ def tiles(m: int, n: int, k: int, device: torch.device, n_tiles: int | None = No
     ``prefetch`` (programmatic dependent launch): when the projection fits, every program multiplies a single
     weight tile (``k_per_split == BLOCK_K``), which it loads before waiting for the previous kernel.
     """
-    if m > 16:
-        bm, bn, bk = (32 if m <= 32 else 64), 64, max(16, min(64, triton.next_power_of_2(k)))
-        return bm, bn, bk, 4, 3, 1, k
     sms = num_sms(device)
+    if m > 16:  # GEMM tiles; K split too when the tiles alone leave SMs idle (short prefills)
+        bm, bn, bk = (32 if m <= 32 else 64), 64, max(16, min(64, triton.next_power_of_2(k)))
+        tiles_mn = triton.cdiv(m, bm) * (n_tiles(bn) if callable(n_tiles) else triton.cdiv(n, bn))
+        split = max(1, min(triton.cdiv(2 * sms, tiles_mn), triton.cdiv(k, 4 * bk), MAX_SPLIT))
+        k_per = triton.cdiv(triton.cdiv(k, split), bk) * bk
+        return bm, bn, bk, 4, 3, triton.cdiv(k, k_per), k_per
     bn = 64 if triton.cdiv(n, 64) >= 2 * sms else 32 if n >= 32 else 16
     tiles_n = n_tiles(bn) if callable(n_tiles) else triton.cdiv(n, bn)
     if prefetch:
