@@ -57,6 +57,7 @@ class Request:
     preemptions: int = 0
     seed_offset: int = 0
     sample_index: int = -1
+    hist_from: int = 0  # first history column holding this request's tokens (it joined after a run-ahead step)
 
     @property
     def finished(self) -> bool:
@@ -75,6 +76,7 @@ class EngineStats:
     generated_tokens: int = 0
     preemptions: int = 0
     native_prefills: int = 0  # prefills run through the native kernels (the rest: the model's forward)
+    run_ahead_steps: int = 0  # steps queued before the host read the tokens of the steps before them
     graph_capture_s: float = 0.0
     graph_buckets: list[int] = field(default_factory=list)
     eager_reason: str | None = None
@@ -104,6 +106,9 @@ class DecodeEngine:
         block_size: tokens per cache block.
         cuda_graphs: capture decode steps (default: when the model is on CUDA).
         sync_every: decode steps between host reads of the generated tokens.
+        run_ahead: at a host read, first queue the next decode step when it cannot overrun any request's limits,
+            so the GPU keeps working while the host reads and processes the tokens (a request that stopped on an
+            end-of-sequence token then computes one discarded step).
         prefill_tokens: most prompt tokens prefilled in one forward.
         native: decode steps through the engine's fused kernels (:mod:`~hf_efficient.generation.native`) rather
             than the model's forward: ``None`` (default) when the model is supported and small enough for them to
@@ -128,6 +133,7 @@ class DecodeEngine:
         native: bool | None = None,
         native_max_batch: int = 16,
         fused_layers: bool | None = None,
+        run_ahead: bool = True,
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -137,6 +143,7 @@ class DecodeEngine:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.max_batch, self.block_size, self.sync_every = max_batch, block_size, sync_every
+        self.run_ahead = run_ahead
         self.prefill_tokens = prefill_tokens
         layers, kv_heads, head_dim = _model_dims(model)
         self.vocab = model.get_output_embeddings().weight.shape[0]
@@ -166,8 +173,12 @@ class DecodeEngine:
         self.seqlens_after = torch.zeros(mb, dtype=torch.int32, device=dev)
         self.write_slots = torch.zeros(mb, dtype=torch.long, device=dev)
         self.block_table = torch.full((mb, self.max_blocks), self.scratch, dtype=torch.int32, device=dev)
-        self.history = torch.zeros(mb, sync_every, dtype=torch.long, device=dev)
-        self.history_lp = torch.zeros(mb, sync_every, dtype=torch.float32, device=dev)
+        # one column per step of a window, plus one for a step queued ahead of the host's read (run_ahead)
+        self.history = torch.zeros(mb, sync_every + 1, dtype=torch.long, device=dev)
+        self.history_lp = torch.zeros(mb, sync_every + 1, dtype=torch.float32, device=dev)
+        pin = dev.type == "cuda"
+        self._history_host = torch.empty(mb * (sync_every + 1), dtype=torch.long, pin_memory=pin)
+        self._history_lp_host = torch.empty(mb * (sync_every + 1), dtype=torch.float32, pin_memory=pin)
         self.hist_idx = torch.zeros(1, 1, dtype=torch.long, device=dev)
         self.active = torch.zeros(mb, dtype=torch.long, device=dev)  # 1 for slots holding a request
         self._hist_count = 0  # decode steps recorded in `history` since the last sync (host mirror of hist_idx)
@@ -290,7 +301,7 @@ class DecodeEngine:
     def _run(self, waiting: deque, progress) -> None:
         while waiting or self._active:
             self._admit(waiting)
-            finished = self._sync()  # requests finished by their first token
+            finished = self._retire_finished()  # requests finished by their first token
             if progress is not None and finished:
                 progress.update(finished)
             if not self._active:
@@ -303,13 +314,27 @@ class DecodeEngine:
             steps = self._steps_until_sync()
             for _ in range(steps):
                 self._decode_step(waiting)
-            finished = self._sync()
+            finished = self._sync(ahead=self._can_run_ahead())
             if progress is not None and finished:
                 progress.update(finished)
 
+    def _in_flight(self, req: Request) -> int:
+        """Tokens of ``req`` decoded on the device but not yet read by the host."""
+        return self._hist_count - req.hist_from
+
     def _steps_until_sync(self) -> int:
-        left = min(r.params.max_tokens - len(r.output) for r in self._active)
-        return max(1, min(self.sync_every, left))
+        left = min(r.params.max_tokens - len(r.output) - self._in_flight(r) for r in self._active)
+        return max(0 if self._hist_count else 1, min(self.sync_every - self._hist_count, left))
+
+    def _can_run_ahead(self) -> bool:
+        """Queue one more step before reading the finished window, so the GPU is busy while the host reads and
+        processes it (instead of idling through every sync). Only when that step cannot overrun: every request
+        still needs a token after the window, and the free blocks cover it without preempting."""
+        return (
+            self.run_ahead and self.sync_every >= 2 and bool(self._active)
+            and self.cache.allocator.num_free >= len(self._active)
+            and all(r.params.max_tokens - len(r.output) - self._in_flight(r) >= 1 for r in self._active)
+        )
 
     # ------------------------------------------------------------------ admission / prefill
 
@@ -446,6 +471,7 @@ class DecodeEngine:
         for g, group in enumerate(groups):
             for i, req in enumerate(group):
                 req.slot = len(self._active)
+                req.hist_from = self._hist_count  # columns recorded before it joined are not its tokens
                 self._active.append(req)
                 req.sample_index = i if req.sample_index < 0 else req.sample_index
                 self.sampler.set_slot(
@@ -648,25 +674,53 @@ class DecodeEngine:
 
     # ------------------------------------------------------------------ sync / finish
 
-    def _sync(self) -> int:
-        """Read the tokens recorded since the last sync, finish requests, compact slots. Returns #finished."""
+    def _sync(self, ahead: bool = False) -> int:
+        """Read the tokens recorded since the last sync, finish requests, compact slots. Returns #finished.
+
+        ``ahead``: first queue one more decode step (its tokens stay on the device for the next sync), then read
+        the window through a pinned copy queued before that step, so the GPU does not idle while the host works."""
         n, steps = len(self._active), self._hist_count
-        if steps and n:
+        if not (steps and n):
+            ahead = False
+        if ahead:
+            cuda = self.device.type == "cuda"
+            tok_host = self._history_host[: n * steps].view(n, steps)
+            lp_host = self._history_lp_host[: n * steps].view(n, steps)
+            tok_host.copy_(self.history[:n, :steps], non_blocking=cuda)
+            lp_host.copy_(self.history_lp[:n, :steps], non_blocking=cuda)
+            event = torch.cuda.Event() if cuda else None
+            if cuda:
+                event.record(torch.cuda.current_stream(self.device))
+            self._decode_step(None)  # tokens land in column `steps`
+            self.stats.run_ahead_steps += 1
+            self.history[:, 0].copy_(self.history[:, steps])
+            self.history_lp[:, 0].copy_(self.history_lp[:, steps])
+            self.hist_idx.fill_(1)
+            if cuda:
+                event.synchronize()
+            toks, lps = tok_host.tolist(), lp_host.tolist()
+        elif steps and n:
             toks = self.history[:n, :steps].tolist()
             lps = self.history_lp[:n, :steps].tolist()
+        if steps and n:
             for req, t_row, l_row in zip(self._active, toks, lps):
-                for t, p in zip(t_row, l_row):
+                for t, p in zip(t_row[req.hist_from:], l_row[req.hist_from:]):
                     if req.finished:
                         break
                     req.output.append(t)
                     req.logprobs.append(p)
                     self.stats.generated_tokens += 1
                     self._check_finished(req)
+                req.hist_from = 0
         if steps:
-            self.hist_idx.zero_()
-            self._hist_count = 0
+            if not ahead:
+                self.hist_idx.zero_()
+            self._hist_count = 1 if ahead else 0
             if self._on_update is not None and n:
                 self._on_update(list(self._active))
+        return self._retire_finished()
+
+    def _retire_finished(self) -> int:
         done = [r for r in self._active if r.finished]
         for req in done:
             self._retire(req)

@@ -80,6 +80,32 @@ def test_continuous_batching_more_requests_than_slots_and_preemption():
     assert engine.cache.allocator.num_used == 1  # only the scratch block is left
 
 
+@pytest.mark.parametrize("max_tokens", [1024, 80])  # 80: a preemption
+def test_run_ahead_steps_change_nothing(max_tokens):
+    """A step queued before the host reads the window (run_ahead) gives the same tokens, logprobs and finish
+    reasons: requests stopping on an end token mid-window, different max_tokens, seeded sampling, more requests
+    than slots (admission after a run-ahead step) and preemption."""
+    model = tiny_model("llama", attn_implementation="hf_efficient", seed=5)
+    prompts = _prompts([5, 12, 7, 3, 9, 14, 6, 2, 11, 4], seed=5)
+    probe = DecodeEngine(model, max_batch=4, max_tokens=1024, block_size=4, run_ahead=False).generate(
+        prompts[:1], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    stop = probe[0][0].output[4]  # a token greedy decoding reaches mid-window
+    params = [SamplingParams(temperature=0.0 if i % 3 else 0.8, seed=i, max_tokens=6 + 2 * i,
+                             stop_token_ids=[stop]) for i in range(len(prompts))]
+    runs = {}
+    for ahead in (False, True):
+        engine = DecodeEngine(model, max_batch=4, max_tokens=max_tokens, block_size=4, sync_every=4, run_ahead=ahead)
+        groups = engine.generate(prompts, params)
+        runs[ahead] = [(r.output, r.finish_reason, r.logprobs) for (r,) in groups]
+        assert (engine.stats.run_ahead_steps > 0) == ahead
+        assert (engine.stats.preemptions > 0) == (max_tokens == 80)
+        assert engine.cache.allocator.num_used == 1  # only the scratch block is left
+    assert [r[:2] for r in runs[True]] == [r[:2] for r in runs[False]]
+    for (_, _, a), (_, _, b) in zip(runs[True], runs[False]):  # requests meet in other batch buckets: fp32 noise
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=1e-4)
+    assert any(reason == "stop" for _, reason, _ in runs[True]) and any(r == "length" for _, r, _ in runs[True])
+
+
 def test_seeded_sampling_is_reproducible_and_independent_of_batch():
     model = tiny_model("llama", attn_implementation="hf_efficient", seed=3)
     prompts = _prompts([6, 11, 4], seed=3)
