@@ -1,7 +1,7 @@
 """Decode-step probe for tuning on the GPU (not a benchmark of record: random-init models, no anchors).
 
-For the SmolLM2 shape and the 1B Llama shape at batch 1 it times, with programmatic dependent launch on and off
-(``HF_EFFICIENT_PDL``): tokens/s of one 256-token greedy call, back-to-back replays of the captured step, and the
+For the SmolLM2 shape and the 1B Llama shape at batch 1 it times engine variants (``VARIANTS``: programmatic
+dependent launch off, rotary as its own kernel, larger prefetch tiles, no run-ahead): tokens/s of one 256-token greedy call, back-to-back replays of the captured step, and the
 GPU timeline of one call from the profiler: busy time, the idle gaps between kernels, and the host functions
 running during the largest gaps. Writes ``probe.json`` (and a gzipped trace of one call) into the given folder.
 
@@ -50,7 +50,7 @@ def _timed(fn):
 def _replay_ms(engine) -> float | None:
     if not engine._graphs:
         return None
-    graph = next(iter(engine._graphs.values()))
+    graph = next(g for k, g in engine._graphs.items() if k[0] != "prefill")  # a decode step
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     reps = 0
     start.record()
@@ -140,9 +140,22 @@ def _phases(engine, prompt, params) -> dict:
     return {"total": 1e3 * total, **{n: 1e3 * v for n, v in spent.items()}}
 
 
-def _one(model, prompt, shape: str, pdl: str, out: Path) -> dict:
-    os.environ["HF_EFFICIENT_PDL"] = pdl
-    engine = DecodeEngine(model, max_batch=1, max_tokens=1024, sync_every=16, native=True)
+VARIANTS = {  # label: (environment, engine keywords)
+    "default": ({}, {}),
+    "pdl off": ({"HF_EFFICIENT_PDL": "0"}, {}),
+    "rope as its own kernel": ({"HF_EFFICIENT_FUSED_ROPE": "0"}, {}),
+    "prefetch tile 16k": ({"HF_EFFICIENT_PREFETCH_TILE": "16384"}, {}),
+    "no run-ahead": ({}, {"run_ahead": False}),
+}
+KNOBS = ("HF_EFFICIENT_PDL", "HF_EFFICIENT_FUSED_ROPE", "HF_EFFICIENT_PREFETCH_TILE")
+
+
+def _one(model, prompt, shape: str, label: str, out: Path) -> dict:
+    env, kw = VARIANTS[label]
+    for knob in KNOBS:
+        os.environ.pop(knob, None)
+    os.environ.update(env)
+    engine = DecodeEngine(model, max_batch=1, max_tokens=1024, sync_every=16, native=True, **kw)
     p256 = SamplingParams(temperature=0.0, max_tokens=256, ignore_eos=True)
     p64 = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
     _, warm = _timed(lambda: engine.generate([prompt], p64))
@@ -156,18 +169,22 @@ def _one(model, prompt, shape: str, pdl: str, out: Path) -> dict:
         "tokens_head": outs[0][0].output[:8],
     }
     row["host_phases_ms_256"] = _phases(engine, prompt, p256)
-    trace = out / f"trace_{shape}_pdl{pdl}.json.gz" if shape == "smollm2" else None
+    trace = out / f"trace_{shape}.json.gz" if shape == "smollm2" and label == "default" else None
     row["timeline_64"] = _timeline(engine, prompt, p64, trace)
-    print(shape, pdl, {k: v for k, v in row.items() if k != "timeline_64"}, flush=True)
+    print(shape, label, {k: v for k, v in row.items() if k not in ("timeline_64", "host_phases_ms_256")},
+          flush=True)
+    for knob in KNOBS:
+        os.environ.pop(knob, None)
     return row
 
 
 def probe(shape: str, out: Path) -> dict:
     model = _model(shape)
     prompt = list(range(100, 140))
-    res = {f"pdl={pdl}": _one(model, prompt, shape, pdl, out) for pdl in ("0", "1")}
+    labels = list(VARIANTS) if shape == "smollm2" else ["default", "pdl off", "prefetch tile 16k"]
+    res = {label: _one(model, prompt, shape, label, out) for label in labels}
     torch.cuda.empty_cache()
-    res["same_tokens_pdl_on_off"] = res["pdl=0"]["tokens_head"] == res["pdl=1"]["tokens_head"]
+    res["same_tokens_as_default"] = {k: v["tokens_head"] == res["default"]["tokens_head"] for k, v in res.items()}
     return res
 
 

@@ -122,7 +122,7 @@ def _profile_step(model, prompt, new=64, **kw) -> dict:
         engine.generate([prompt], params)
     replay_ms = None
     if engine._graphs:  # back-to-back replays of the captured step: GPU time per step, kernels + in-graph gaps
-        graph = next(iter(engine._graphs.values()))
+        graph = next(g for k, g in engine._graphs.items() if k[0] != "prefill")  # a decode step
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         reps = 0
         start.record()

@@ -21,6 +21,8 @@ features, ``N`` output features; weights are ``(N, K)`` like ``nn.Linear``.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .rmsnorm import fusable, new_output, num_sms, pdl_enabled
@@ -33,7 +35,7 @@ except ImportError:  # pragma: no cover - Linux installs carry triton
 
 __all__ = [
     "norm_linear", "norm_linear_reference", "linear_residual", "linear_residual_reference",
-    "rope_store", "rope_store_reference", "kernels_usable",
+    "rope_store", "rope_store_reference", "norm_linear_rope", "kernels_usable",
 ]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -146,9 +148,10 @@ if triton is not None:
     def _norm_linear_kernel(
         X, NW, W0, W1, W2, B0, B1, B2, Y, WS, CNT,
         M, K, N0, N1, T0, T1, N2, sxm, sym, eps, K_SPLIT,
+        POS, INV, KP, VP, SLOTS, scaling, HK,
         HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr,
-        PDL: tl.constexpr,
+        PDL: tl.constexpr, ROPE: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -208,7 +211,40 @@ if triton is not None:
             if HAS_BIAS:
                 b = tl.load(b_ptr + rn, mask=n_ok, other=0.0)
                 acc += b.to(tl.float32)[None, :]
-            tl.store(Y + rm[:, None] * sym + (col0 + rn)[None, :], acc.to(dt), mask=m_ok[:, None] & n_ok[None, :])
+            if ROPE:  # q/k/v epilogue: one head per tile (BLOCK_N == head_dim), see norm_linear_rope
+                _rope_epilogue(acc.to(dt).to(tl.float32), rm, m_ok, tile, pid_n < T0, pid_n < T0 + T1, Y, sym,
+                               POS, INV, KP, VP, SLOTS, scaling, HK, dt, BLOCK_M, BLOCK_N)
+            else:
+                tl.store(Y + rm[:, None] * sym + (col0 + rn)[None, :], acc.to(dt),
+                         mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _rope_epilogue(val, rm, m_ok, head, is_q, is_qk, QO, sqm, POS, INV, KP, VP, SLOTS, scaling, HK, dt,
+                       BLOCK_M: tl.constexpr, D: tl.constexpr):
+        """Rotary embedding of a q or k head tile (rounded like transformers' rotate_half path, as in
+        _rope_store_kernel), written to q's output or to the paged K cache; a v head tile goes to the V cache."""
+        HALF: tl.constexpr = D // 2
+        rd = tl.arange(0, D)
+        if is_qk:
+            pos = tl.load(POS + rm, mask=m_ok, other=0).to(tl.float32)
+            ang = pos[:, None] * tl.load(INV + tl.arange(0, HALF)).to(tl.float32)[None, :]
+            c = (tl.cos(ang) * scaling).to(dt).to(tl.float32)
+            s = (tl.sin(ang) * scaling).to(dt).to(tl.float32)
+            x1, x2 = tl.split(tl.permute(tl.reshape(val, [BLOCK_M, 2, HALF]), (0, 2, 1)))
+            o1 = ((x1 * c).to(dt).to(tl.float32) + (-x2 * s).to(dt).to(tl.float32)).to(dt)
+            o2 = ((x2 * c).to(dt).to(tl.float32) + (x1 * s).to(dt).to(tl.float32)).to(dt)
+            out = tl.reshape(tl.permute(tl.join(o1, o2), (0, 2, 1)), [BLOCK_M, D])
+        else:
+            out = val.to(dt)
+        if is_q:
+            tl.store(QO + rm[:, None] * sqm + head * D + rd[None, :], out, mask=m_ok[:, None])
+        else:
+            slot = tl.load(SLOTS + rm, mask=m_ok, other=0)
+            offs = (slot[:, None] * HK + head) * D + rd[None, :]
+            if is_qk:
+                tl.store(KP + offs, out.to(KP.dtype.element_ty), mask=m_ok[:, None])
+            else:
+                tl.store(VP + offs, out.to(VP.dtype.element_ty), mask=m_ok[:, None])
 
     @triton.jit(do_not_specialize=["M"])
     def _linear_residual_kernel(
@@ -301,7 +337,7 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------------
 
 def tiles(m: int, n: int, k: int, device: torch.device, n_tiles: int | None = None,
-          prefetch: bool = False) -> tuple[int, ...]:
+          prefetch: bool = False, block_n: int | None = None) -> tuple[int, ...]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, split, k_per_split) for an (m x k) @ (k x n) projection.
 
     Small m is a weight stream, bound by how many bytes are in flight: about four programs per SM,
@@ -309,21 +345,23 @@ def tiles(m: int, n: int, k: int, device: torch.device, n_tiles: int | None = No
     ``n_tiles``: output tiles when ``n`` is several weights side by side (each weight's rows tile separately).
     ``prefetch`` (programmatic dependent launch): when the projection fits, every program multiplies a single
     weight tile (``k_per_split == BLOCK_K``), which it loads before waiting for the previous kernel.
+    ``block_n``: a fixed BLOCK_N (one attention head per tile for the rotary epilogue).
     """
     sms = num_sms(device)
     if m > 16:  # GEMM tiles; K split too when the tiles alone leave SMs idle (short prefills)
-        bm, bn, bk = (32 if m <= 32 else 64), 64, max(16, min(64, triton.next_power_of_2(k)))
+        bm, bn, bk = (32 if m <= 32 else 64), block_n or 64, max(16, min(64, triton.next_power_of_2(k)))
         tiles_mn = triton.cdiv(m, bm) * (n_tiles(bn) if callable(n_tiles) else triton.cdiv(n, bn))
         split = max(1, min(triton.cdiv(2 * sms, tiles_mn), triton.cdiv(k, 4 * bk), MAX_SPLIT))
         k_per = triton.cdiv(triton.cdiv(k, split), bk) * bk
         return bm, bn, bk, 4, 3, triton.cdiv(k, k_per), k_per
-    bn = 64 if triton.cdiv(n, 64) >= 2 * sms else 32 if n >= 32 else 16
+    bn = block_n or (64 if triton.cdiv(n, 64) >= 2 * sms else 32 if n >= 32 else 16)
     tiles_n = n_tiles(bn) if callable(n_tiles) else triton.cdiv(n, bn)
     if prefetch:
-        bk = max(16, min(triton.next_power_of_2(k), PREFETCH_TILE // bn))
+        tile = int(os.environ.get("HF_EFFICIENT_PREFETCH_TILE", PREFETCH_TILE))
+        bk = max(16, min(triton.next_power_of_2(k), tile // bn))
         split = triton.cdiv(k, bk)
         if split <= MAX_SPLIT and tiles_n * split <= 8 * sms:
-            return 16, bn, bk, 4, 1, split, bk
+            return 16, bn, bk, 4 if bn * bk <= 8192 else 8, 1, split, bk
     bk = max(16, min(128, triton.next_power_of_2(k)))
     split = max(1, min(triton.cdiv(4 * sms, tiles_n), triton.cdiv(k, 2 * bk), MAX_SPLIT))
     k_per = triton.cdiv(triton.cdiv(k, split), bk) * bk
@@ -383,10 +421,22 @@ def norm_linear(x: torch.Tensor, weights: list[torch.Tensor], norm_weight: torch
     Returns:
         (M, sum N_i) in x's dtype.
     """
+    biases = _check_norm_linear(x, weights, norm_weight, biases)
+    extra = [t for t in [norm_weight, *biases] if t is not None]
+    if not kernels_usable(x, *weights, *extra):
+        return norm_linear_reference(x, weights, norm_weight, eps, biases if any(b is not None for b in biases)
+                                     else None)
+    ns = [w.shape[0] for w in weights] + [0] * (3 - len(weights))
+    y = new_output((x.shape[0], sum(ns)), x.dtype, x.device)
+    return _launch_norm_linear(x, weights, norm_weight, eps, biases, y, ns)
+
+
+def _check_norm_linear(x, weights, norm_weight, biases) -> list:
+    """Validates norm_linear's arguments; returns the biases as a list (None per weight without one)."""
     _check_2d("x", x)
     if not 1 <= len(weights) <= 3:
         raise ValueError(f"weights must hold 1 to 3 tensors, got {len(weights)}")
-    m, k = x.shape
+    k = x.shape[1]
     for i, w in enumerate(weights):
         _check_2d(f"weights[{i}]", w, k)
         if w.dtype != x.dtype or not w.is_contiguous():
@@ -399,18 +449,18 @@ def norm_linear(x: torch.Tensor, weights: list[torch.Tensor], norm_weight: torch
     for i, (b, w) in enumerate(zip(biases, weights)):
         if b is not None and tuple(b.shape) != (w.shape[0],):
             raise ValueError(f"biases[{i}] must have shape ({w.shape[0]},), got {tuple(b.shape)}")
-    extra = [t for t in [norm_weight, *biases] if t is not None]
-    if not kernels_usable(x, *weights, *extra):
-        return norm_linear_reference(x, weights, norm_weight, eps, biases if any(b is not None for b in biases)
-                                     else None)
-    ns = [w.shape[0] for w in weights] + [0] * (3 - len(weights))
-    y = new_output((m, sum(ns)), x.dtype, x.device)
+    return biases
+
+
+def _launch_norm_linear(x, weights, norm_weight, eps, biases, y, ns, rope=None):
+    m, k = x.shape
     if m == 0:
         return y
     nw = [n for n in ns if n]
     pdl = pdl_enabled(x.device)
     bm, bn, bk, warps, stages, split, k_per = tiles(
-        m, max(ns), k, x.device, n_tiles=lambda b: sum(triton.cdiv(n, b) for n in nw), prefetch=_prefetch(x.device))
+        m, max(ns), k, x.device, n_tiles=lambda b: sum(triton.cdiv(n, b) for n in nw), prefetch=_prefetch(x.device),
+        block_n=rope["head_dim"] if rope else None)
     t0, t1, t2 = (triton.cdiv(n, bn) for n in ns)
     ws = list(weights) + [weights[0]] * (3 - len(weights))
     has_bias = any(b is not None for b in biases)
@@ -420,15 +470,44 @@ def norm_linear(x: torch.Tensor, weights: list[torch.Tensor], norm_weight: torch
               for b, w in zip(list(biases) + [None] * (3 - len(biases)), ws)]
     grid = (triton.cdiv(m, bm), t0 + t1 + t2, split)
     work, cnt = _workspace(x.device, split, grid[0] * grid[1], bm * bn)
+    r = rope or {}
     _norm_linear_kernel[grid](
         x, norm_weight if norm_weight is not None else x, *ws, *bs, y,
         work if work is not None else y, cnt if cnt is not None else y,
         m, k, ns[0], ns[1], t0, t1, ns[2], x.stride(0), y.stride(0), float(eps), k_per,
+        r.get("positions", y), r.get("inv_freq", y), r.get("k_pool", y), r.get("v_pool", y), r.get("slots", y),
+        float(r.get("scaling", 1.0)), int(r.get("nheads_k", 1)),
         HAS_NORM=norm_weight is not None, HAS_BIAS=has_bias, IEEE=x.dtype == torch.float32, SPLIT=split,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ONE_TILE=k_per == bk, **_pdl_kw(pdl), num_warps=warps,
-        num_stages=stages,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ONE_TILE=k_per == bk, **_pdl_kw(pdl), ROPE=rope is not None,
+        num_warps=warps, num_stages=stages,
     )
     return y
+
+
+def norm_linear_rope(x, weights, norm_weight, eps, biases, positions, inv_freq, scaling, nheads, nheads_k, k_pool,
+                     v_pool, slots) -> torch.Tensor:
+    """:func:`norm_linear` of the q/k/v projections with :func:`rope_store` as its epilogue: one kernel instead of
+    two. Same arguments and result as ``rope_store(norm_linear(x, weights, norm_weight, eps, biases), positions,
+    inv_freq, scaling, nheads, nheads_k, k_pool, v_pool, slots)``, same rounding. Head dims 16-256 (powers of
+    two) run fused; others, and CPU without the interpreter, run the two ops."""
+    d = k_pool.shape[-1]
+    if len(weights) != 3 or [w.shape[0] for w in weights] != [nheads * d, nheads_k * d, nheads_k * d]:
+        raise ValueError(f"weights must be the q, k, v projections with {nheads * d}, {nheads_k * d} and "
+                         f"{nheads_k * d} rows, got {[tuple(w.shape) for w in weights]}")
+    biases = _check_norm_linear(x, weights, norm_weight, biases)
+    extra = [t for t in [norm_weight, *biases] if t is not None]
+    if d not in (16, 32, 64, 128, 256) or not kernels_usable(x, *weights, *extra, k_pool, v_pool):
+        qkv = norm_linear(x, weights, norm_weight, eps, biases)
+        return rope_store(qkv, positions, inv_freq, scaling, nheads, nheads_k, k_pool, v_pool, slots)
+    m = x.shape[0]
+    qkv_like = torch.empty((m, (nheads + 2 * nheads_k) * d), dtype=x.dtype, device="meta")
+    _check_rope(qkv_like, positions, inv_freq, nheads, nheads_k, k_pool, v_pool, slots)
+    q = new_output((m, nheads, d), x.dtype, x.device)
+    rope = dict(head_dim=d, positions=positions, inv_freq=inv_freq, k_pool=k_pool, v_pool=v_pool, slots=slots,
+                scaling=scaling, nheads_k=nheads_k)
+    _launch_norm_linear(x, weights, norm_weight, eps, biases, q.view(m, nheads * d),
+                        [w.shape[0] for w in weights], rope)
+    return q
 
 
 def _prefetch(device: torch.device) -> bool:
@@ -499,8 +578,22 @@ def rope_store(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tenso
         rotated q (M, nheads, D) in qkv's dtype.
     """
     _check_2d("qkv", qkv)
-    m = qkv.shape[0]
-    d = k_pool.shape[-1]
+    m, d = qkv.shape[0], k_pool.shape[-1]
+    _check_rope(qkv, positions, inv_freq, nheads, nheads_k, k_pool, v_pool, slots)
+    if not kernels_usable(qkv, k_pool, v_pool):
+        return rope_store_reference(qkv, positions, inv_freq, scaling, nheads, nheads_k, k_pool, v_pool, slots)
+    q = new_output((m, nheads, d), qkv.dtype, qkv.device)
+    if m == 0:
+        return q
+    _rope_store_kernel[(m, nheads + nheads_k)](
+        qkv, positions, inv_freq, q, k_pool, v_pool, slots, qkv.stride(0), float(scaling), nheads, nheads_k,
+        D=d, HALF=d // 2, BLOCK_HALF=triton.next_power_of_2(d // 2), **_pdl_kw(pdl_enabled(qkv.device)), num_warps=1,
+    )
+    return q
+
+
+def _check_rope(qkv, positions, inv_freq, nheads, nheads_k, k_pool, v_pool, slots):
+    m, d = qkv.shape[0], k_pool.shape[-1]
     if qkv.shape[1] != (nheads + 2 * nheads_k) * d or d % 2:
         raise ValueError(f"qkv must have (nheads + 2 * nheads_k) * head_dim = {(nheads + 2 * nheads_k) * d} "
                          f"columns (even head_dim), got {tuple(qkv.shape)}")
@@ -513,13 +606,3 @@ def rope_store(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tenso
             k_pool.is_contiguous() and v_pool.is_contiguous()):
         raise ValueError(f"k_pool/v_pool must be contiguous (blocks, block_size, {nheads_k}, {d}), got "
                          f"{tuple(k_pool.shape)} / {tuple(v_pool.shape)}")
-    if not kernels_usable(qkv, k_pool, v_pool):
-        return rope_store_reference(qkv, positions, inv_freq, scaling, nheads, nheads_k, k_pool, v_pool, slots)
-    q = new_output((m, nheads, d), qkv.dtype, qkv.device)
-    if m == 0:
-        return q
-    _rope_store_kernel[(m, nheads + nheads_k)](
-        qkv, positions, inv_freq, q, k_pool, v_pool, slots, qkv.stride(0), float(scaling), nheads, nheads_k,
-        D=d, HALF=d // 2, BLOCK_HALF=triton.next_power_of_2(d // 2), **_pdl_kw(pdl_enabled(qkv.device)), num_warps=1,
-    )
-    return q

@@ -101,6 +101,41 @@ def test_rope_store_shuffled_slots(device, dtype, head_dim):
     assert torch.isnan(pools[0].view(-1, hk, head_dim)[untouched.to(device)]).all()
 
 
+@pytest.mark.parametrize("dtype", _dtypes())
+@pytest.mark.parametrize("m,head_dim,bias", [(1, 16, False), (5, 32, True), (20, 16, False)])
+def test_norm_linear_rope_equals_the_two_ops(device, dtype, m, head_dim, bias):
+    """q/k/v projection with the rotary + paged K/V write as its epilogue: as accurate as PyTorch's norm, linear and
+    rotary in the same precision (vs float64), cache rows written only at the (shuffled) slots."""
+    r = _gen(m + head_dim)
+    h, hk, k, bs = 4, 2, 96, 4
+    ns = (h * head_dim, hk * head_dim, hk * head_dim)
+    x64, nw64 = r(m, k, scale=2.0).double(), (1 + 0.3 * r(k)).double()
+    ws64 = [r(n, k, scale=k ** -0.5).double() for n in ns]
+    bs64 = [r(n).double() for n in ns] if bias else None
+    cast = lambda t: t.to(device, dtype)  # noqa: E731
+    x, nw, ws = cast(x64), cast(nw64), [cast(w) for w in ws64]
+    bs_ = [cast(b) for b in bs64] if bias else None
+    pos = torch.randint(0, 3000, (m,)).to(device)
+    inv = (1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)).to(device)
+    slots = torch.randperm(12 * bs)[:m].to(device)
+    pools = [torch.full((12, bs, hk, head_dim), float("nan"), dtype=dtype, device=device) for _ in range(4)]
+    pools64 = [torch.zeros(12, bs, hk, head_dim, dtype=torch.float64, device=device) for _ in range(2)]
+    q = dl.norm_linear_rope(x, ws, nw, 1e-5, bs_, pos, inv, 0.9, h, hk, pools[0], pools[1], slots)
+    q_ref = dl.rope_store_reference(dl.norm_linear_reference(x, ws, nw, 1e-5, bs_), pos, inv, 0.9, h, hk,
+                                    pools[2], pools[3], slots)
+    qkv64 = dl.norm_linear_reference(x64, ws64, nw64, 1e-5, bs64).to(device)
+    q64 = dl.rope_store_reference(qkv64, pos, inv.double(), 0.9, h, hk, *pools64, slots)
+    _assert_accurate(q, q_ref, q64)
+    rows = lambda p: p.view(-1, hk, head_dim)[slots]  # noqa: E731
+    for i in range(2):
+        _assert_accurate(rows(pools[i]), rows(pools[2 + i]), rows(pools64[i]))
+        untouched = torch.ones(12 * bs, dtype=torch.bool)
+        untouched[slots.cpu()] = False
+        assert torch.isnan(pools[i].view(-1, hk, head_dim)[untouched.to(device)]).all()
+    with pytest.raises(ValueError, match="q, k, v projections"):
+        dl.norm_linear_rope(x, ws[:2], nw, 1e-5, None, pos, inv, 0.9, h, hk, pools[0], pools[1], slots)
+
+
 def test_split_k_is_planned_and_deterministic(device):
     """Few output tiles and a long K: the plan splits K; repeated calls give bitwise-identical results and leave the
     arrival counters at zero (so CUDA-graph replays start clean)."""
