@@ -94,7 +94,8 @@ def paged_attention_forward(
         and all(n == q_len for n in plan.n_new)
     ):
         out = decode(
-            q.contiguous(), layer.k_pool, layer.v_pool, plan.cache_seqlens, plan.block_table, **opts
+            q.contiguous(), layer.k_pool, layer.v_pool, plan.cache_seqlens, plan.block_table,
+            max_seqlen_k=plan.max_seqlen, **opts
         )
         return out, None
 

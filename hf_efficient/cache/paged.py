@@ -108,6 +108,7 @@ class StepPlan:
     cache_seqlens: torch.Tensor  # int32 (batch,) real tokens per sequence after the step
     write_rows: torch.Tensor | None = None  # rows of the real new tokens to store (None: all); groups store once
     group_check: tuple | None = None  # (leader rows, follower rows) compared once, at the first layer
+    max_seqlen: int | None = None  # bound on cache_seqlens that plans the decode kernel's KV splits (None: capacity)
     _gather: tuple | None = None
 
 

@@ -83,6 +83,8 @@ class EngineStats:
     native_reason: str | None = None  # why decode steps run the model's forward (None: native fused kernels)
 
 
+#: context-length classes of captured native decode steps
+_CONTEXT_CLASSES = tuple(256 << 2 * i for i in range(6))
 #: token buckets of captured native prefills (padded up to the next one)
 _PREFILL_BUCKETS = tuple(16 << i for i in range(16) if 16 << i < NATIVE_PREFILL_TOKENS) + (NATIVE_PREFILL_TOKENS,)
 
@@ -195,7 +197,7 @@ class DecodeEngine:
         self.buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b < max_batch] + [max_batch]
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._prefill_io: dict[tuple, list] = {}  # static inputs/output of each captured prefill graph
-        self._plans = {b: self._static_plan(b) for b in self.buckets}
+        self._plans: dict[tuple, StepPlan] = {}  # (bucket, context class) -> the captured step's plan
         self._active: list[Request] = []  # slot i holds _active[i]
         self._next_rid = 0
         # transformers >= 5.24 names the forward's cache argument `cache` (`past_key_values` is deprecated)
@@ -510,10 +512,11 @@ class DecodeEngine:
     def _bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
 
-    def _static_plan(self, b: int) -> StepPlan:
+    def _static_plan(self, b: int, context: int | None = None) -> StepPlan:
         return StepPlan(
             q_len=1, lens_before=[1] * b, n_new=[1] * b, q_idx=None,
             write_slots=self.write_slots[:b], block_table=self.block_table[:b], cache_seqlens=self.seqlens_after[:b],
+            max_seqlen=context,
         )
 
     def _reserve(self, waiting: deque) -> None:
@@ -575,7 +578,7 @@ class DecodeEngine:
         n = len(self._active)
         b = self._bucket(n)
         flags = self.sampler.static_flags(b)
-        key = (b, flags["greedy_only"], flags["skip_penalty"], flags["candidates"])
+        key = (b, flags["greedy_only"], flags["skip_penalty"], flags["candidates"], self._context_class(b))
         if self.cuda_graphs:
             graph = self._graphs.get(key) or self._capture(key)
             graph.replay()
@@ -584,16 +587,22 @@ class DecodeEngine:
         self._hist_count += 1
         self.stats.decode_steps += 1
 
+    def _context_class(self, b: int) -> int:
+        """Decode steps are captured per context-length class (the longest active context rounded up to a power
+        of four from 256): the attention kernel's KV-split plan depends on it."""
+        longest = max(r.stored for r in self._active)
+        return next((c for c in _CONTEXT_CLASSES if c >= longest), self.max_blocks * self.block_size)
+
     def _eager_step(self, key) -> None:
         b = key[0]
-        plan = self._static_plan(b)
+        plan = self._static_plan(b, key[-1])
         # The eager (CPU) attention path gathers by host bookkeeping: give it this step's sequences.
         self.cache.seq_blocks = [r.blocks for r in self._active] + [[self.scratch]] * (b - len(self._active))
         self.cache.seq_lens = [r.stored for r in self._active] + [1] * (b - len(self._active))
         self._body(key, plan)
 
     def _body(self, key, plan: StepPlan) -> None:
-        b, greedy_only, skip_penalty, candidates = key
+        b, greedy_only, skip_penalty, candidates, context = key
         bs = self.block_size
         pos = self.positions[:b]
         self.seqlens_after[:b].copy_(pos + 1)
@@ -601,7 +610,7 @@ class DecodeEngine:
         self.write_slots[:b].copy_(blk * bs + pos % bs)
         if self._native is not None and b <= self.native_max_batch:
             logits = self._native.forward(
-                self.tokens[:b], pos, self.write_slots[:b], self.seqlens_after[:b], self.block_table[:b]
+                self.tokens[:b], pos, self.write_slots[:b], self.seqlens_after[:b], self.block_table[:b], context
             )
         else:
             self.cache.plan = plan
@@ -625,7 +634,7 @@ class DecodeEngine:
             return self._capture_prefill(key)
         start = time.perf_counter()
         b = key[0]
-        plan = self._plans[b]
+        plan = self._plans.setdefault((b, key[-1]), self._static_plan(b, key[-1]))
         saved = self._save_state(b)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))

@@ -48,6 +48,20 @@ def test_long_prompts_are_prefilled_in_chunks(family):
     assert engine.stats.prefill_tokens == 61 + 5 + 40
 
 
+def test_decode_crosses_a_context_class():
+    """Steps are captured per context-length class (256, 1024, ...): a sequence growing past 256 keys switches class
+    mid-generation, next to a short one, and still matches transformers."""
+    model = tiny_model("llama", attn_implementation="hf_efficient", seed=9)
+    prompts = _prompts([250, 6], seed=9)
+    engine = DecodeEngine(model, max_batch=2, max_tokens=2048, block_size=8, sync_every=4)
+    seen, context_class = set(), engine._context_class
+    engine._context_class = lambda b: seen.add(context_class(b)) or context_class(b)
+    groups = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12))
+    for prompt, (req,) in zip(prompts, groups):
+        assert req.output == _hf_greedy(model, prompt, 12)
+    assert seen == {256, 1024}
+
+
 def test_peft_lora_model_matches_hf_generate():
     """A PEFT LoRA model (adapters with non-zero weights) generates what transformers' generate does with it."""
     peft = pytest.importorskip("peft")
