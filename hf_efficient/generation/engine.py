@@ -31,7 +31,7 @@ import torch
 
 from ..cache.allocator import CacheFullError
 from ..cache.paged import PagedCache, StepPlan
-from .native import NATIVE_PREFILL_TOKENS, NativeDecoder
+from .native import NATIVE_PREFILL_TOKENS, SHORT_CONTEXT, NativeDecoder
 from .native import auto_reason as native_auto_reason
 from .native import structure_key as native_structure_key
 from .native import unsupported_reason as native_unsupported_reason
@@ -589,8 +589,11 @@ class DecodeEngine:
 
     def _context_class(self, b: int) -> int:
         """Decode steps are captured per context-length class (the longest active context rounded up to a power
-        of four from 256): the attention kernel's KV-split plan depends on it."""
+        of four from 256): the attention kernel's KV-split plan depends on it. Native steps run unsplit up to
+        ``SHORT_CONTEXT`` keys, so for them the classes below it are one."""
         longest = max(r.stored for r in self._active)
+        if self._native is not None and b <= self.native_max_batch:
+            longest = max(longest, SHORT_CONTEXT)
         return next((c for c in _CONTEXT_CLASSES if c >= longest), self.max_blocks * self.block_size)
 
     def _eager_step(self, key) -> None:

@@ -38,8 +38,9 @@ FAMILIES = ("llama", "mistral", "qwen2")
 #: 2048) 423 vs 509 — its projections are large enough for cuBLAS to stream them faster than these kernels.
 AUTO_MAX_HIDDEN = 1024
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")
-#: Longest context attended without KV splits in a native step. Measured (H200, SmolLM2 shape, batch 1, ~300 keys):
-#: splitting over a 1024-key plan cost 11.5 us per layer (split kernel + merge kernel) vs ~6 us unsplit.
+#: Longest context attended without KV splits in a native step. Measured on an H200 at batch 1, SmolLM2 shape,
+#: ~300 keys: with a 1024-key split plan the attention took ~11.5 us per layer (split kernel + merge kernel) and a
+#: captured step 0.98 ms; unsplit, a step took 0.89 ms (docs/benchmarks/NOTES.md).
 SHORT_CONTEXT = 1024
 #: Most packed prompt tokens the engine prefills through the native kernels (more go through the model's forward).
 NATIVE_PREFILL_TOKENS = 1024
