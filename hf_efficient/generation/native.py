@@ -1,25 +1,27 @@
-"""The engine's native decode step for Llama-family models: six fused kernels per decoder layer.
+"""The engine's native decode step for Llama-family models: five fused kernels per decoder layer.
 
 At small batch a decode step is bound by kernel launches, not bytes: transformers' modules issue ~17 kernels per
 layer. For the families below the engine computes the decode step itself from the model's own parameters (read
 from its modules at every call, so in-place optimizer updates are seen and nothing is copied):
 
-=====================================  ======================================================================
-kernel                                 replaces
-=====================================  ======================================================================
-:func:`~hf_efficient.ops.decode_linear.norm_linear`       input RMSNorm, q/k/v projections (+ biases)
-:func:`~hf_efficient.ops.decode_linear.rope_store`        rotary embedding of q and k, K/V write into the pages
-:func:`~hf_efficient.ops.paged_decode.paged_decode`       attention over the paged cache (CUDA kernel)
-:func:`~hf_efficient.ops.decode_linear.linear_residual`   o projection + residual add
-``norm_linear``                                          post-attention RMSNorm, gate/up projections
-``linear_residual`` (SiLU-mul prologue)                   SiLU(gate) * up, down projection + residual add
-=====================================  ======================================================================
+=========================================================  ==========================================================
+kernel                                                     replaces
+=========================================================  ==========================================================
+:func:`~hf_efficient.ops.decode_linear.norm_linear_rope`   input RMSNorm, q/k/v projections (+ biases), rotary
+                                                           embedding of q and k, K/V write into the pages
+:func:`~hf_efficient.ops.paged_decode.paged_decode`        attention over the paged cache (CUDA kernel)
+:func:`~hf_efficient.ops.decode_linear.linear_residual`    o projection + residual add
+:func:`~hf_efficient.ops.decode_linear.norm_linear`        post-attention RMSNorm, gate/up projections
+``linear_residual`` (SiLU-mul prologue)                    SiLU(gate) * up, down projection + residual add
+=========================================================  ==========================================================
 
-plus the embedding lookup and the final norm + LM head (one ``norm_linear``). Short prefills (prompts with nothing
-cached before them, up to ``NATIVE_PREFILL_TOKENS`` packed tokens) run through the same kernels with flash attention
-over each prompt, instead of the model's forward; longer ones keep the model's forward (cuBLAS GEMMs). :func:`unsupported_reason` says why a model is not served natively (other families, PEFT
-adapters or other wrapped projections, module hooks, dynamic rotary scaling, ...); the engine then runs the
-model's forward for decode too.
+plus the embedding lookup and the final norm + LM head (one ``norm_linear``). On Hopper the kernels use
+programmatic dependent launch (see :func:`hf_efficient.ops.rmsnorm.pdl_enabled`). Short prefills (prompts with
+nothing cached before them, up to ``NATIVE_PREFILL_TOKENS`` packed tokens) run through the same kernels with flash
+attention over each prompt, instead of the model's forward; longer ones keep the model's forward (cuBLAS GEMMs).
+:func:`unsupported_reason` says why a model is not served natively (other families, PEFT adapters or other wrapped
+projections, module hooks, dynamic rotary scaling, ...); the engine then runs the model's forward for decode too.
+``HF_EFFICIENT_FUSED_ROPE=0`` runs the rotary + K/V write as its own kernel (for comparisons).
 """
 
 from __future__ import annotations
