@@ -387,38 +387,40 @@ class _Processed:
     mass: torch.Tensor | None = None  # (B, 1) float64 sum of exp(scaled - top) over the kept tokens (>= 1)
 
 
-_STAGING: dict[int, dict] = {}
-_STAGING_SLOTS = 8
+_STAGING: dict[int, list] = {}
+_STAGING_MAX = 64
 
 
 def h2d(values: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list as a device tensor without a stream sync: on CUDA the values go through a ring of reusable pinned
-    buffers (a copy from pageable memory waits for all queued work; pinning a fresh block each time costs host
-    time). A buffer is reused once the copy that last read it has run (its event)."""
+    """A host list as a device tensor without a stream sync: on CUDA the values go through reusable pinned buffers
+    (a copy from pageable memory waits for all queued work; pinning a fresh block each time costs host time). A
+    buffer is reused once the copy that last read it has run (its event); while all are in flight a new one is
+    added (up to ``_STAGING_MAX``, then the oldest is waited for)."""
     host = torch.as_tensor(values, dtype=dtype).contiguous()
     if device.type != "cuda":
         return host.to(device)
     if torch.cuda.is_current_stream_capturing():
         return host.pin_memory().to(device, non_blocking=True)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    ring = _STAGING.setdefault(index, {"next": 0, "slots": [None] * _STAGING_SLOTS})
-    i = ring["next"]
-    ring["next"] = (i + 1) % _STAGING_SLOTS
+    pool = _STAGING.setdefault(index, [])  # [buffer, event of the copy that last read it], oldest use first
     nbytes = host.numel() * host.element_size()
-    slot = ring["slots"][i]
-    if slot is not None:
-        slot[1].synchronize()  # the copy that last read this buffer has run (normally long ago)
-    if slot is None or slot[0].numel() < nbytes:
-        buf = torch.empty(max(nbytes, 1 << 12), dtype=torch.uint8, pin_memory=True)
+    i = next((j for j, e in enumerate(pool) if e[0].numel() >= nbytes and e[1].query()), None)
+    if i is None and len(pool) >= _STAGING_MAX:
+        i = 0
+        pool[0][1].synchronize()
+    if i is None:
+        entry = [torch.empty(max(nbytes, 1 << 12), dtype=torch.uint8, pin_memory=True), None]
     else:
-        buf = slot[0]
-    staged = buf[:nbytes].view(dtype).view(host.shape)
+        entry = pool.pop(i)
+        if entry[0].numel() < nbytes:
+            entry[0] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    staged = entry[0][:nbytes].view(dtype).view(host.shape)
     staged.copy_(host)
     out = torch.empty(host.shape, dtype=dtype, device=device)
     out.copy_(staged, non_blocking=True)
-    event = torch.cuda.Event()
-    event.record(torch.cuda.current_stream(device))
-    ring["slots"][i] = (buf, event)
+    entry[1] = torch.cuda.Event()
+    entry[1].record(torch.cuda.current_stream(device))
+    pool.append(entry)
     return out
 
 

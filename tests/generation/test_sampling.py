@@ -930,3 +930,22 @@ def test_stop_string_matcher_smollm2(smollm2_tokenizer):
     got = next(m for i in range(1, len(ids) + 1) if (m := matcher.find(ids[:i])) is not None)
     assert got == _brute_force_stop(smollm2_tokenizer, ids, stops)
     assert got.stop == "Paris."
+
+
+@pytest.mark.gpu
+def test_h2d_staging_reuses_buffers_only_after_their_copy():
+    """Many host->device copies queued behind GPU work: each arrives with its own values (a staging buffer is not
+    rewritten while a queued copy still reads it), and the staging pool stays bounded."""
+    from hf_efficient.generation import sampling
+
+    dev = torch.device("cuda")
+    busy = torch.randn(4096, 4096, device=dev)
+    outs = []
+    for i in range(3 * sampling._STAGING_MAX):
+        if i % 16 == 0:
+            busy = busy @ busy / 64  # keep the stream busy so copies queue up
+        outs.append(sampling.h2d([i, i + 1, i + 2], torch.long, dev))
+    torch.cuda.synchronize()
+    for i, out in enumerate(outs):
+        assert out.tolist() == [i, i + 1, i + 2]
+    assert len(sampling._STAGING[torch.cuda.current_device()]) <= sampling._STAGING_MAX
