@@ -83,6 +83,21 @@ def paged_decode_backend() -> dict:
     return jit.backend_report()
 
 
+def decode_launch_backend() -> dict:
+    """Whether the decode kernels use programmatic dependent launch (see ``ops.rmsnorm.pdl_enabled``)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"impl": "off", "why": "no CUDA GPU"}
+    from .ops.rmsnorm import pdl_enabled
+
+    if os.environ.get("HF_EFFICIENT_PDL", "1") == "0":
+        return {"impl": "off", "why": "HF_EFFICIENT_PDL=0"}
+    if pdl_enabled(torch.device("cuda", torch.cuda.current_device())):
+        return {"impl": "programmatic dependent launch", "why": "compute capability >= 9.0 and triton exposes it"}
+    return {"impl": "plain launches", "why": "needs compute capability >= 9.0 and triton.language.extra.cuda.gdc_wait"}
+
+
 def report() -> dict:
     import torch
 
@@ -100,6 +115,7 @@ def report() -> dict:
         "ops": {
             "flash_attention": flash_attention_backend(),
             "paged_decode": paged_decode_backend(),
+            "decode_launch": decode_launch_backend(),
         },
         "env_vars": {
             k: os.environ[k]
@@ -108,6 +124,7 @@ def report() -> dict:
                 "HF_EFFICIENT_JIT_VERBOSE",
                 "HF_EFFICIENT_CACHE",
                 "HF_EFFICIENT_SMOLLM2_GGUF",
+                "HF_EFFICIENT_PDL",
                 "TRITON_INTERPRET",
             )
             if k in os.environ

@@ -12,6 +12,7 @@ def test_env_runs_and_reports_ops(capsys):
     assert main(["env"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "op flash_attention:" in out and "patches:" in out
+    assert "op decode_launch:" in out
 
 
 def test_env_json(capsys):
