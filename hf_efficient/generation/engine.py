@@ -382,7 +382,7 @@ class DecodeEngine:
         dev = self.device
         slots_t = torch.cat(slots)
         self.stats.prefill_tokens += len(ids)
-        if self._native is not None and len(ids) <= NATIVE_PREFILL_TOKENS:
+        if self._native is not None and len(groups) <= self.native_prefill_prompts and len(ids) <= NATIVE_PREFILL_TOKENS:
             logits = self._native_prefill(ids, torch.cat(pos), slots_t, last, [len(g[0].context) for g in groups])
             return self._first_tokens(groups, logits.float())
         plan = StepPlan(
@@ -430,6 +430,9 @@ class DecodeEngine:
             buf.copy_(val)
         self._graphs[key].replay()
         return io[5][:g]
+
+    #: most prompts packed into one native prefill (see ``native.NATIVE_PREFILL_TOKENS``)
+    native_prefill_prompts = 1
 
     def _prefill_chunked(self, group: list[Request]) -> None:
         prompt, bs, dev = group[0].context, self.block_size, self.device

@@ -44,7 +44,9 @@ _STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 #: ~300 keys: with a 1024-key split plan the attention took ~11.5 us per layer (split kernel + merge kernel) and a
 #: captured step 0.98 ms; unsplit, a step took 0.89 ms (docs/benchmarks/NOTES.md).
 SHORT_CONTEXT = 1024
-#: Most packed prompt tokens the engine prefills through the native kernels (more go through the model's forward).
+#: Longest prompt the engine prefills through the native kernels when it is admitted alone (longer prompts, and
+#: several prompts admitted together, go through the model's forward: cuBLAS GEMMs, and no new prefill graph per
+#: (tokens, prompts) bucket to capture while a batch warms up).
 NATIVE_PREFILL_TOKENS = 1024
 
 

@@ -47,8 +47,16 @@ def test_native_matches_model_forward(family):
     for engine in (native, forward):
         runs = [g[0] for g in engine.generate(prompts, params)]
         assert_within_noise(model, prompts, runs)
-    # short prompts are prefilled by the native kernels too (flash attention per prompt, window for Mistral)
-    assert native.stats.native_prefills > 0 and forward.stats.native_prefills == 0
+    assert native.stats.native_prefills == 0 and forward.stats.native_prefills == 0  # several prompts at once
+    # a prompt admitted alone is prefilled by the native kernels (flash attention; window for Mistral), and so are
+    # several packed together when the engine allows it
+    alone = native.generate([prompts[2]], params)[0][0]
+    assert native.stats.native_prefills == 1
+    assert_within_noise(model, prompts[2:], [alone])
+    native.native_prefill_prompts = 8
+    packed = [g[0] for g in native.generate(prompts, params)]
+    assert native.stats.native_prefills == 2
+    assert_within_noise(model, prompts, packed)
 
 
 def test_native_and_model_forward_buckets_share_the_cache():
