@@ -2,7 +2,10 @@
 # GPU machine: install the tree, record the environment, run the GPU-marked tests, then the generation and
 # packed-SFT benchmarks. Every stage has its own time limit and the script goes on after a failed stage.
 #
-#   STAGES="tests generate sft" GEN_ARGS="--with-compile" scripts/gpu_all.sh RESULTS_DIR [pytest paths...]
+#   STAGES="tests generate sft probe" GEN_ARGS="--with-compile" scripts/gpu_all.sh RESULTS_DIR [pytest paths...]
+#
+# Results land at most two folders below RESULTS_DIR (bench/<gpu>/...), so that a results folder copied back from a
+# remote machine keeps its whole tree. "probe" runs scripts/gpu_probe.py (engine variants, random-init shapes).
 #
 # Needs the real test model: HF_EFFICIENT_SMOLLM2_GGUF pointing at the GGUF (the machine has no network).
 set -uo pipefail
@@ -35,6 +38,11 @@ if [[ $STAGES == *" sft "* ]]; then
       | tee "$RESULTS/bench_sft.log" | tail -n 5
   SFT_RC=${PIPESTATUS[0]}
 fi
-echo "== summary: gpu tests rc=$TEST_RC bench generate rc=$GEN_RC sft_parity rc=$SFT_RC"
+PROBE_RC=-
+if [[ $STAGES == *" probe "* ]]; then
+  timeout ${PROBE_TIMEOUT:-330} $PY scripts/gpu_probe.py "$RESULTS/probe" 2>&1 | tee "$RESULTS/probe.log" | tail -n 10
+  PROBE_RC=${PIPESTATUS[0]}
+fi
+echo "== summary: gpu tests rc=$TEST_RC bench generate rc=$GEN_RC sft_parity rc=$SFT_RC probe rc=$PROBE_RC"
 [ -f "$RESULTS/gpu_tests.log" ] && grep -E "passed|failed" "$RESULTS/gpu_tests.log" | tail -n 2
 exit 0
