@@ -407,27 +407,24 @@ class DecodeEngine:
         t, g = len(ids), len(lens)
         # eager calls pad the same way, so that both run the same kernel configurations (bitwise-equal results)
         tb, gb = next(b for b in _PREFILL_BUCKETS if b >= t), self._bucket(g)
-        pad = self.scratch * self.block_size
         cu = list(itertools.accumulate(lens, initial=0))
-        host = torch.zeros(4 * tb + 2 * gb + 1, dtype=torch.long)
-        host[:t], host[tb: tb + t], host[2 * tb: 2 * tb + t] = torch.tensor(ids), pos, slots
-        host[2 * tb + t: 3 * tb] = pad
-        host[3 * tb: 3 * tb + g] = torch.tensor(last)
-        host[3 * tb + gb: 3 * tb + gb + g + 1] = torch.tensor(cu)
-        host[3 * tb + gb + g + 1: 3 * tb + 2 * gb + 1] = cu[-1]
-        dev = h2d(host, torch.long, self.device)
-        ids_t, pos_t, slots_t = dev[:tb], dev[tb: 2 * tb], dev[2 * tb: 3 * tb]
-        last_t, cu_t = dev[3 * tb: 3 * tb + gb], dev[3 * tb + gb: 3 * tb + 2 * gb + 1].to(torch.int32)
+        pieces = [(ids, tb, 0), (pos.tolist(), tb, 0), (slots.tolist(), tb, self.scratch * self.block_size),
+                  (last, gb, 0), (cu, gb + 1, cu[-1])]  # (values, padded length, pad value): one pinned copy
+        host = [v + [fill] * (n - len(v)) for v, n, fill in pieces]
+        dev = h2d(list(itertools.chain(*host)), torch.long, self.device)
+        ids_t, pos_t, slots_t, last_t, cu_t = dev.split([n for _, n, _ in pieces])
+        cu_t = cu_t.to(torch.int32)
         self.stats.native_prefills += 1
         if not self.cuda_graphs:
             return self._native.prefill(ids_t, pos_t, slots_t, cu_t, tb, last_t)[:g]
         key = ("prefill", tb, gb)
-        if key not in self._graphs:
+        if key not in self._graphs:  # captured over this call's inputs
             self._prefill_io[key] = [ids_t, pos_t, slots_t, cu_t, last_t, None]
             self._capture(key)
+        else:
+            for buf, val in zip(self._prefill_io[key][:5], (ids_t, pos_t, slots_t, cu_t, last_t)):
+                buf.copy_(val)
         io = self._prefill_io[key]
-        for buf, val in zip(io[:5], (ids_t, pos_t, slots_t, cu_t, last_t)):
-            buf.copy_(val)
         self._graphs[key].replay()
         return io[5][:g]
 
@@ -637,45 +634,38 @@ class DecodeEngine:
 
     def _capture(self, key) -> torch.cuda.CUDAGraph:
         if key[0] == "prefill":
-            return self._capture_prefill(key)
-        start = time.perf_counter()
+            io = self._prefill_io[key]
+            # the warm-up and the capture write the same K/V the replay writes again (this call's prompts)
+            graph, io[5] = self._record(key, lambda: self._native.prefill(*io[:4], key[1], io[4]), warmups=1)
+            return graph
         b = key[0]
         plan = self._plans.setdefault((b, key[-1]), self._static_plan(b, key[-1]))
         saved = self._save_state(b)
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm up (Triton autotune, JIT builds) outside the graph
-                self._body(key, plan)
-                self._restore_state(b, saved)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._body(key, plan)
-        self._restore_state(b, saved)
-        self._graphs[key] = graph
-        self.stats.graph_capture_s += time.perf_counter() - start
-        self.stats.graph_buckets.append(key)
+        graph, _ = self._record(key, lambda: self._body(key, plan), warmups=2,
+                                after=lambda: self._restore_state(b, saved))
         return graph
 
-    def _capture_prefill(self, key) -> torch.cuda.CUDAGraph:
-        """Prefill graph over the static inputs in ``_prefill_io[key]`` (which hold this call's prompts: the eager
-        warm-up and the capture write the same K/V the replay writes again)."""
+    def _record(self, key, run, warmups: int, after=None):
+        """Warm ``run`` up on a side stream (Triton compiles and autotunes, JIT builds happen outside the graph),
+        then capture it; ``after`` runs after each warm-up and after the capture. Returns (graph, run's output)."""
         start = time.perf_counter()
-        io = self._prefill_io[key]
-        run = lambda: self._native.prefill(*io[:4], key[1], io[4])  # noqa: E731
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            run()  # warm up (Triton compiles and autotunes) outside the graph
+            for _ in range(warmups):
+                run()
+                if after is not None:
+                    after()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            io[5] = run()
+            out = run()
+        if after is not None:
+            after()
         self._graphs[key] = graph
         self.stats.graph_capture_s += time.perf_counter() - start
         self.stats.graph_buckets.append(key)
-        return graph
+        return graph, out
 
     def _save_state(self, b: int):
         return (self.tokens[:b].clone(), self.positions[:b].clone(), self.hist_idx.clone(), self.sampler.save_state())
