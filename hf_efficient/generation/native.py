@@ -26,12 +26,10 @@ projections, module hooks, dynamic rotary scaling, ...); the engine then runs th
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ..attention.flash_api import flash_attn_varlen_func
-from ..ops.decode_linear import kernels_usable, linear_residual, norm_linear, norm_linear_rope, rope_store
+from ..ops.decode_linear import kernels_usable, linear_residual, norm_linear, norm_linear_rope
 from ..ops.paged_decode import paged_decode
 
 FAMILIES = ("llama", "mistral", "qwen2")
@@ -136,13 +134,6 @@ def auto_reason(model) -> str | None:
     return None
 
 
-def _two_kernel_qkv_rope(x, weights, norm_weight, eps, biases, positions, inv_freq, scaling, nheads, nheads_k,
-                         k_pool, v_pool, slots):
-    """norm_linear_rope as two kernels (``HF_EFFICIENT_FUSED_ROPE=0``, for comparison)."""
-    qkv = norm_linear(x, weights, norm_weight, eps, biases)
-    return rope_store(qkv, positions, inv_freq, scaling, nheads, nheads_k, k_pool, v_pool, slots)
-
-
 class NativeDecoder:
     """One decode token per sequence through fused kernels; see the module docstring.
 
@@ -203,7 +194,6 @@ class NativeDecoder:
     def _layers(self, tokens, positions, slots, attend, last=None) -> torch.Tensor:
         base = self.base
         h_, hk = self.heads, self.kv_heads
-        qkv_rope = _two_kernel_qkv_rope if os.environ.get("HF_EFFICIENT_FUSED_ROPE", "1") == "0" else norm_linear_rope
         rot = base.rotary_emb
         scaling = float(getattr(rot, "attention_scaling", 1.0))
         h = torch.nn.functional.embedding(tokens, base.embed_tokens.weight)
@@ -212,7 +202,7 @@ class NativeDecoder:
             ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
             projs = (attn.q_proj, attn.k_proj, attn.v_proj)
             biases = [p.bias for p in projs] if any(p.bias is not None for p in projs) else None
-            q = qkv_rope(h, [p.weight for p in projs], ln1.weight, ln1.variance_epsilon, biases, positions,
+            q = norm_linear_rope(h, [p.weight for p in projs], ln1.weight, ln1.variance_epsilon, biases, positions,
                          rot.inv_freq, scaling, h_, hk, pool.k_pool, pool.v_pool, slots)
             linear_residual(attend(i, q, attn), attn.o_proj.weight, h, out=h)
             gu = norm_linear(h, [mlp.gate_proj.weight, mlp.up_proj.weight], ln2.weight, ln2.variance_epsilon)

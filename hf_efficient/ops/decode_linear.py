@@ -114,6 +114,11 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _weight_tile(w_ptr, rn, n_ok, kk, k_hi, K):
+        """Rows ``rn``, columns ``kk`` (below ``k_hi``) of a row-major (N, K) weight; zeros outside."""
+        return tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=n_ok[:, None] & (kk < k_hi)[None, :], other=0.0)
+
+    @triton.jit
     def _pdl_enter(PDL: tl.constexpr):
         """Programmatic dependent launch: wait for the previous kernel (and its memory), then let the next one
         launch. Everything before this call may only read data no earlier kernel of the step writes (weights)."""
@@ -180,9 +185,7 @@ if triton is not None:
         k_lo = pid_s * K_SPLIT
         k_hi = tl.minimum(K, k_lo + K_SPLIT)
         if ONE_TILE:  # this program's whole weight tile, fetched before waiting for the previous kernel
-            kk1 = k_lo + rk
-            w1 = tl.load(w_ptr + rn[:, None] * K + kk1[None, :], mask=n_ok[:, None] & (kk1 < k_hi)[None, :],
-                         other=0.0)
+            w1 = _weight_tile(w_ptr, rn, n_ok, k_lo + rk, k_hi, K)
         _pdl_enter(PDL)
         if HAS_NORM:  # the full row's mean square, whatever part of K this program multiplies
             ss = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -204,7 +207,7 @@ if triton is not None:
             if ONE_TILE:
                 w = w1
             else:
-                w = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                w = _weight_tile(w_ptr, rn, n_ok, kk, k_hi, K)
             acc = _mma(acc, x, w, IEEE)
         last, acc = _split_reduce(acc, WS, CNT, SPLIT, BLOCK_M, BLOCK_N)
         if last:
@@ -265,8 +268,7 @@ if triton is not None:
         k_lo = pid_s * K_SPLIT
         k_hi = tl.minimum(K, k_lo + K_SPLIT)
         if ONE_TILE:  # this program's whole weight tile, fetched before waiting for the previous kernel
-            kk1 = k_lo + rk
-            w1 = tl.load(W + rn[:, None] * K + kk1[None, :], mask=n_ok[:, None] & (kk1 < k_hi)[None, :], other=0.0)
+            w1 = _weight_tile(W, rn, n_ok, k_lo + rk, k_hi, K)
         _pdl_enter(PDL)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -282,7 +284,7 @@ if triton is not None:
             if ONE_TILE:
                 w = w1
             else:
-                w = tl.load(W + rn[:, None] * K + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                w = _weight_tile(W, rn, n_ok, kk, k_hi, K)
             acc = _mma(acc, x, w, IEEE)
         last, acc = _split_reduce(acc, WS, CNT, SPLIT, BLOCK_M, BLOCK_N)
         if last:
@@ -489,14 +491,16 @@ def norm_linear_rope(x, weights, norm_weight, eps, biases, positions, inv_freq, 
     """:func:`norm_linear` of the q/k/v projections with :func:`rope_store` as its epilogue: one kernel instead of
     two. Same arguments and result as ``rope_store(norm_linear(x, weights, norm_weight, eps, biases), positions,
     inv_freq, scaling, nheads, nheads_k, k_pool, v_pool, slots)``, same rounding. Head dims 16-256 (powers of
-    two) run fused; others, and CPU without the interpreter, run the two ops."""
+    two) run fused; others, CPU without the interpreter, and ``HF_EFFICIENT_FUSED_ROPE=0`` (for comparisons) run
+    the two ops."""
     d = k_pool.shape[-1]
     if len(weights) != 3 or [w.shape[0] for w in weights] != [nheads * d, nheads_k * d, nheads_k * d]:
         raise ValueError(f"weights must be the q, k, v projections with {nheads * d}, {nheads_k * d} and "
                          f"{nheads_k * d} rows, got {[tuple(w.shape) for w in weights]}")
     biases = _check_norm_linear(x, weights, norm_weight, biases)
     extra = [t for t in [norm_weight, *biases] if t is not None]
-    if d not in (16, 32, 64, 128, 256) or not kernels_usable(x, *weights, *extra, k_pool, v_pool):
+    if (d not in (16, 32, 64, 128, 256) or os.environ.get("HF_EFFICIENT_FUSED_ROPE", "1") == "0"
+            or not kernels_usable(x, *weights, *extra, k_pool, v_pool)):
         qkv = norm_linear(x, weights, norm_weight, eps, biases)
         return rope_store(qkv, positions, inv_freq, scaling, nheads, nheads_k, k_pool, v_pool, slots)
     m = x.shape[0]
