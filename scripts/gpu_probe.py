@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from hf_efficient.bench.generate import _timed, replay_ms_per_step
 from hf_efficient.generation.engine import DecodeEngine
 from hf_efficient.generation.sampling import SamplingParams
 
@@ -37,32 +38,6 @@ def _model(shape):
     with torch.device("cuda"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     return model.eval()
-
-
-def _timed(fn):
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = fn()
-    torch.cuda.synchronize()
-    return out, time.perf_counter() - t0
-
-
-def _replay_ms(engine) -> float | None:
-    if not engine._graphs:
-        return None
-    graph = next(g for k, g in engine._graphs.items() if k[0] != "prefill")  # a decode step
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    reps = 0
-    start.record()
-    for _ in range(8):
-        engine.hist_idx.zero_()
-        for _ in range(engine.sync_every - 1):
-            graph.replay()
-            reps += 1
-    end.record()
-    torch.cuda.synchronize()
-    engine.hist_idx.zero_()
-    return start.elapsed_time(end) / reps
 
 
 def _timeline(engine, prompt, params, trace_path: Path | None) -> dict:
@@ -164,7 +139,7 @@ def _one(model, prompt, shape: str, label: str, out: Path) -> dict:
     _, t64 = _timed(lambda: engine.generate([prompt], p64))
     per_tok = (t256 - t64) / 192
     row = {
-        "tok_s_256": 256 / t256, "warmup_s": warm, "replay_ms": _replay_ms(engine),
+        "tok_s_256": 256 / t256, "warmup_s": warm, "replay_ms": replay_ms_per_step(engine),
         "marginal_ms_per_token": 1e3 * per_tok, "fixed_ms_per_call": 1e3 * (t64 - 64 * per_tok),
         "tokens_head": outs[0][0].output[:8],
     }

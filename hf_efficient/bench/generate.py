@@ -87,6 +87,25 @@ def _variant(model, prompts, new, max_batch, base_outputs, notes, key, label, kw
     return tps, warm
 
 
+def replay_ms_per_step(engine) -> float | None:
+    """Back-to-back replays of a captured decode step: GPU time per step, kernels + in-graph gaps (None: no graph)."""
+    graphs = [g for k, g in engine._graphs.items() if k[0] != "prefill"]
+    if not graphs:
+        return None
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    reps = 0
+    start.record()
+    for _ in range(8):
+        engine.hist_idx.zero_()
+        for _ in range(engine.sync_every - 1):
+            graphs[0].replay()
+            reps += 1
+    end.record()
+    _sync()
+    engine.hist_idx.zero_()
+    return start.elapsed_time(end) / reps
+
+
 def _profile_step(model, prompt, new=64, **kw) -> dict:
     """Profile the bs1 decode loop: kernels launched per step, GPU kernel time per step vs wall time per step.
 
@@ -120,21 +139,7 @@ def _profile_step(model, prompt, new=64, **kw) -> dict:
     engine._decode_step = step
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         engine.generate([prompt], params)
-    replay_ms = None
-    if engine._graphs:  # back-to-back replays of the captured step: GPU time per step, kernels + in-graph gaps
-        graph = next(g for k, g in engine._graphs.items() if k[0] != "prefill")  # a decode step
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        reps = 0
-        start.record()
-        for _ in range(8):
-            engine.hist_idx.zero_()
-            for _ in range(engine.sync_every - 1):
-                graph.replay()
-                reps += 1
-        end.record()
-        _sync()
-        replay_ms = start.elapsed_time(end) / reps
-        engine.hist_idx.zero_()
+    replay_ms = replay_ms_per_step(engine)
     rows = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
     kernel_us = sum(e.self_device_time_total for e in rows)
     launches = sum(e.count for e in rows)
