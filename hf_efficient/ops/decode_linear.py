@@ -354,8 +354,7 @@ def tiles(m: int, n: int, k: int, device: torch.device, n_tiles: int | None = No
         bm, bn, bk = (32 if m <= 32 else 64), block_n or 64, max(16, min(64, triton.next_power_of_2(k)))
         tiles_mn = triton.cdiv(m, bm) * (n_tiles(bn) if callable(n_tiles) else triton.cdiv(n, bn))
         split = max(1, min(triton.cdiv(2 * sms, tiles_mn), triton.cdiv(k, 4 * bk), MAX_SPLIT))
-        k_per = triton.cdiv(triton.cdiv(k, split), bk) * bk
-        return bm, bn, bk, 4, 3, triton.cdiv(k, k_per), k_per
+        return bm, bn, bk, 4, 3, *_k_runs(k, split, bk)
     bn = block_n or (64 if triton.cdiv(n, 64) >= 2 * sms else 32 if n >= 32 else 16)
     tiles_n = n_tiles(bn) if callable(n_tiles) else triton.cdiv(n, bn)
     if prefetch:
@@ -366,9 +365,13 @@ def tiles(m: int, n: int, k: int, device: torch.device, n_tiles: int | None = No
             return 16, bn, bk, 4 if bn * bk <= 8192 else 8, 1, split, bk
     bk = max(16, min(128, triton.next_power_of_2(k)))
     split = max(1, min(triton.cdiv(4 * sms, tiles_n), triton.cdiv(k, 2 * bk), MAX_SPLIT))
+    return 16, bn, bk, 4, 4, *_k_runs(k, split, bk)
+
+
+def _k_runs(k: int, split: int, bk: int) -> tuple[int, int]:
+    """(splits, K per split): ``split`` runs of whole BLOCK_K tiles, fewer when rounding leaves some empty."""
     k_per = triton.cdiv(triton.cdiv(k, split), bk) * bk
-    split = triton.cdiv(k, k_per)
-    return 16, bn, bk, 4, 4, split, k_per
+    return triton.cdiv(k, k_per), k_per
 
 
 MAX_SPLIT = 16
