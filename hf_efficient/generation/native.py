@@ -203,7 +203,7 @@ class NativeDecoder:
             projs = (attn.q_proj, attn.k_proj, attn.v_proj)
             biases = [p.bias for p in projs] if any(p.bias is not None for p in projs) else None
             q = norm_linear_rope(h, [p.weight for p in projs], ln1.weight, ln1.variance_epsilon, biases, positions,
-                         rot.inv_freq, scaling, h_, hk, pool.k_pool, pool.v_pool, slots)
+                                 rot.inv_freq, scaling, h_, hk, pool.k_pool, pool.v_pool, slots)
             linear_residual(attend(i, q, attn), attn.o_proj.weight, h, out=h)
             gu = norm_linear(h, [mlp.gate_proj.weight, mlp.up_proj.weight], ln2.weight, ln2.variance_epsilon)
             linear_residual(gu, mlp.down_proj.weight, h, silu_mul=True, out=h)
