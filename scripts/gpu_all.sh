@@ -2,7 +2,7 @@
 # GPU machine: install the tree, record the environment, run the GPU-marked tests, then the generation and
 # packed-SFT benchmarks. Every stage has its own time limit and the script goes on after a failed stage.
 #
-#   STAGES="tests generate sft probe" GEN_ARGS="--with-compile" scripts/gpu_all.sh RESULTS_DIR [pytest paths...]
+#   STAGES="tests generate sft probe attention decode" GEN_ARGS="--with-compile" scripts/gpu_all.sh RESULTS_DIR [pytest paths...]
 #
 # Results land at most two folders below RESULTS_DIR (bench/<gpu>/...), so that a results folder copied back from a
 # remote machine keeps its whole tree. "probe" runs scripts/gpu_probe.py (engine variants, random-init shapes).
@@ -24,8 +24,8 @@ if [[ $STAGES == *" tests "* ]]; then
   timeout ${GPU_TEST_TIMEOUT:-300} $PY -m pytest -m gpu $TESTS -q -p no:cacheprovider -rfEs -s 2>&1 \
       | tee "$RESULTS/gpu_tests.log" | grep -E "^(FAILED|ERROR)|passed|failed|agreement|divergence|noise" | tail -n 30
   TEST_RC=${PIPESTATUS[0]}
-  # the decode-layer ops also run in bf16 on the GPU without the gpu marker
-  timeout 120 $PY -m pytest tests/ops/test_decode_linear.py tests/generation/test_native.py -q -p no:cacheprovider 2>&1 \
+  # the decode-layer ops also run in bf16 on the GPU without the gpu marker (with the default test paths)
+  [ $# -eq 0 ] && timeout 120 $PY -m pytest tests/ops/test_decode_linear.py tests/generation/test_native.py -q -p no:cacheprovider 2>&1 \
       | tee "$RESULTS/gpu_native_tests.log" | tail -n 3
 fi
 if [[ $STAGES == *" generate "* ]]; then
@@ -38,11 +38,23 @@ if [[ $STAGES == *" sft "* ]]; then
       | tee "$RESULTS/bench_sft.log" | tail -n 5
   SFT_RC=${PIPESTATUS[0]}
 fi
+ATT_RC=- DEC_RC=-
+if [[ $STAGES == *" attention "* ]]; then
+  timeout ${ATTENTION_TIMEOUT:-420} hf-efficient bench attention --out "$RESULTS/bench" 2>&1 \
+      | tee "$RESULTS/bench_attention.log" | grep -vE "^\s+\[" | tail -n 60
+  ATT_RC=${PIPESTATUS[0]}
+fi
+if [[ $STAGES == *" decode "* ]]; then
+  timeout ${DECODE_TIMEOUT:-200} hf-efficient bench decode --out "$RESULTS/bench" 2>&1 \
+      | tee "$RESULTS/bench_decode.log" | tail -n 16
+  DEC_RC=${PIPESTATUS[0]}
+fi
 PROBE_RC=-
 if [[ $STAGES == *" probe "* ]]; then
   timeout ${PROBE_TIMEOUT:-330} $PY scripts/gpu_probe.py "$RESULTS/probe" 2>&1 | tee "$RESULTS/probe.log" | tail -n 10
   PROBE_RC=${PIPESTATUS[0]}
 fi
-echo "== summary: gpu tests rc=$TEST_RC bench generate rc=$GEN_RC sft_parity rc=$SFT_RC probe rc=$PROBE_RC"
+echo "== summary: gpu tests rc=$TEST_RC bench generate rc=$GEN_RC sft_parity rc=$SFT_RC probe rc=$PROBE_RC" \
+  "attention rc=$ATT_RC decode rc=$DEC_RC"
 [ -f "$RESULTS/gpu_tests.log" ] && grep -E "passed|failed" "$RESULTS/gpu_tests.log" | tail -n 2
 exit 0

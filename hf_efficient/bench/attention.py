@@ -310,12 +310,15 @@ def _host_overhead(ours_fn, flash, n=300):
     for key, fn in calls.items():
         for _ in range(20):
             fn()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        out[key] = round((time.perf_counter() - t) / n * 1e6, 1)
-        torch.cuda.synchronize()
+        best = float("inf")
+        for _ in range(3):  # best of three: the host is shared with other work
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(n):
+                fn()
+            best = min(best, (time.perf_counter() - t) / n)
+            torch.cuda.synchronize()
+        out[key] = round(best * 1e6, 1)
     return out
 
 

@@ -12,6 +12,7 @@ sync) and is skipped while tracing or capturing a CUDA graph.
 """
 from __future__ import annotations
 
+import os
 import weakref
 
 import torch
@@ -41,10 +42,45 @@ def check_window(window_size) -> tuple[int, int]:
     return left, right
 
 
+_checked: dict = {}  # tensor signatures _check_tensors accepted (bounded; cleared when full)
+_CHECKED_MAX = 4096
+
+
 def check_inputs(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
                  max_seqlen_k=None, *, dropout_p=0.0, softmax_scale=None, window_size=(-1, -1),
                  softcap=0.0, alibi_slopes=None, block_table=None) -> None:
-    """Validate kernel inputs; raise ``TypeError``/``ValueError`` naming the offending argument."""
+    """Validate kernel inputs; raise ``TypeError``/``ValueError`` naming the offending argument.
+
+    The tensor checks depend on metadata only (shape, strides, dtype, device), so a signature
+    that passed once is remembered and not re-checked: repeated calls (every layer, every step)
+    pay one dictionary lookup instead.
+    """
+    tensors = (q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, block_table)
+    key = None
+    if all(t is None or type(t) is torch.Tensor for t in tensors):
+        key = tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.device) for t in tensors)
+        if q.device.type == "cpu":  # allowed only while interpreting, which a test may switch off
+            key += (os.environ.get("TRITON_INTERPRET", "0"),)
+    if key is None or key not in _checked:
+        _check_tensors(*tensors)
+        if key is not None:
+            if len(_checked) >= _CHECKED_MAX:
+                _checked.clear()
+            _checked[key] = True
+    if cu_seqlens_q is not None:
+        for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+            if not isinstance(m, int) or isinstance(m, bool) or m < 0:
+                raise TypeError(f"{name} must be a non-negative int, got {m!r}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if softmax_scale is not None and not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    if not isinstance(softcap, (int, float)) or softcap < 0:
+        raise ValueError(f"softcap must be a float >= 0 (0 disables it), got {softcap!r}")
+    check_window(window_size)
+
+
+def _check_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, block_table) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -105,9 +141,6 @@ def check_inputs(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=Non
         if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
             raise ValueError(f"cu_seqlens_q and cu_seqlens_k must both be (batch + 1,), got "
                              f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
-        for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-            if not isinstance(m, int) or isinstance(m, bool) or m < 0:
-                raise TypeError(f"{name} must be a non-negative int, got {m!r}")
     else:
         if k.shape[0] != q.shape[0]:
             raise ValueError(f"q and k/v must share the batch size, got {q.shape[0]} and {k.shape[0]}")
@@ -120,13 +153,6 @@ def check_inputs(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=Non
             raise ValueError(f"block_table must have batch = {batch} rows, got {block_table.shape[0]}")
         if block_table.stride(1) != 1 and block_table.shape[1] > 1:
             raise ValueError("block_table must be contiguous in its last dimension")
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    if softmax_scale is not None and not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-    if not isinstance(softcap, (int, float)) or softcap < 0:
-        raise ValueError(f"softcap must be a float >= 0 (0 disables it), got {softcap!r}")
-    check_window(window_size)
     if alibi_slopes is not None:
         if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dtype != torch.float32:
             raise TypeError("alibi_slopes must be a float32 tensor of shape (nheads,) or (batch, nheads)")
@@ -306,17 +332,18 @@ class _FlashAttnFunction(torch.autograd.Function):
 
     A ``torch.library`` op with Python autograd costs ~0.2 ms per call on the host, which is
     more than the whole kernel at short sequence lengths; eager calls therefore come here.
+    The non-tensor arguments travel as one tuple (``apply`` pays per argument).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, max_sq, max_sk, scale, causal, wl, wr, softcap, alibi,
-                dropout_p, rng_seed, block_table, deterministic, fill):
+    def forward(ctx, q, k, v, cu_q, cu_k, alibi, rng_seed, block_table, params):
+        max_sq, max_sk, scale, causal, wl, wr, softcap, dropout_p, deterministic, fill = params
         out, lse = flash_fwd(q, k, v, cu_q, cu_k, max_sq, max_sk, softmax_scale=scale,
                              causal=causal, window_size=(wl, wr), softcap=softcap,
                              alibi_slopes=alibi, dropout_p=dropout_p, rng_seed=rng_seed,
                              block_table=block_table, fill=fill)
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi, rng_seed)
-        ctx.params = (max_sq, max_sk, scale, causal, wl, wr, softcap, dropout_p, deterministic, fill)
+        ctx.params = params
         ctx.paged = block_table is not None
         ctx.mark_non_differentiable(lse)
         return out, lse
@@ -333,7 +360,7 @@ class _FlashAttnFunction(torch.autograd.Function):
                                softmax_scale=scale, causal=causal, window_size=(wl, wr),
                                softcap=softcap, alibi_slopes=alibi, dropout_p=dropout_p,
                                rng_seed=rng_seed, deterministic=deterministic, fill=fill)
-        return dq, dk, dv, *([None] * 15)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def flash_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
@@ -347,9 +374,11 @@ def flash_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
     zeroing varlen rows outside every sequence; pass it when ``check_seqlen_values`` said the
     sequences cover all tokens.
     """
-    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-            window_left, window_right, softcap, alibi_slopes, dropout_p, rng_seed, block_table,
-            deterministic)
-    if torch.compiler.is_compiling() or any(_is_fake(t) for t in (q, k, v)):
-        return flash_attn_fwd(*args)
-    return _FlashAttnFunction.apply(*args, fill)
+    if torch.compiler.is_compiling() or _is_fake(q) or _is_fake(k) or _is_fake(v):
+        return flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                              softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
+                              dropout_p, rng_seed, block_table, deterministic)
+    return _FlashAttnFunction.apply(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_seed, block_table,
+        (max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap,
+         dropout_p, deterministic, fill))

@@ -32,6 +32,7 @@ from .flash_fwd import (
     _call,
     _common,
     _lse_strides,
+    _seqlen_class,
     dropout_keep,
     fill_uncovered,
     interpreting,
@@ -384,6 +385,7 @@ def flash_bwd(dout, q, k, v, out, lse, cu_seqlens_q=None, cu_seqlens_k=None, max
         max_seqlen_q, max_seqlen_k = q.shape[1], k.shape[1]
     seqlen_q, seqlen_k = max_seqlen_q, max_seqlen_k
     scheme = bwd_scheme(deterministic)
+    tune_key = (_seqlen_class(seqlen_q), _seqlen_class(seqlen_k), q.dtype)
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
@@ -423,7 +425,7 @@ def flash_bwd(dout, q, k, v, out, lse, cu_seqlens_q=None, cu_seqlens_k=None, max
                 nheads // nheads_k, *common)
         _call(_dq_tuned, _bwd_dq_kernel,
               lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), batch * nheads),
-              args, consts, head_dim, dq_heuristic, (seqlen_q, seqlen_k, q.dtype))
+              args, consts, head_dim, dq_heuristic, tune_key)
     if batch * nheads_k > 0 and max_seqlen_k > 0:
         args = (q, k, v, dout, lse, delta, dk, dv, dq_acc, cu_q, cu_k, slopes, seed,
                 sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdob, sdos, sdoh,
@@ -432,7 +434,7 @@ def flash_bwd(dout, q, k, v, out, lse, cu_seqlens_q=None, cu_seqlens_k=None, max
         _call(_dkdv_tuned, _bwd_dkdv_kernel,
               lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), batch * nheads_k),
               args, dict(consts, ATOMIC_DQ=atomic), head_dim, dkdv_heuristic,
-              (seqlen_q, seqlen_k, q.dtype))
+              tune_key)
     if atomic:
         dq.copy_(dq_acc)
     if varlen and fill:

@@ -17,7 +17,9 @@ Layouts: padded ``q (B, Sq, H, D)``, ``k/v (B, Sk, Hk, D)``; variable length ``q
 """
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 
 import torch
 import triton
@@ -517,15 +519,25 @@ fwd_heuristic = make_heuristic(FWD_SHAPES)
 _best_configs: dict = {}
 
 
+def _seqlen_class(n: int) -> int:
+    """Autotuning class of a sequence length: the next power of two (at least 16).
+
+    Tuning once per class instead of once per length matters for packed (varlen) training,
+    where every batch brings a new ``max_seqlen``.
+    """
+    return 16 if n <= 16 else 1 << (int(n) - 1).bit_length()
+
+
 def _call(tuned, plain, grid_fn, args, consts, head_dim, heuristic, key):
     """Launch ``plain`` with the autotuned config for ``key`` (tuning on first sight).
 
-    After the first call per key the autotuner is bypassed: its per-call bookkeeping over ~50
-    arguments costs more host time than a short kernel runs.
+    ``key`` should hold length classes (``_seqlen_class``), not raw lengths: the autotuner runs
+    once per class. After that first call the autotuner is bypassed: its per-call bookkeeping
+    over ~50 arguments costs more host time than a short kernel runs.
     """
     if not autotune_enabled():
         cfg = heuristic(head_dim)
-        plain[grid_fn(cfg)](*args, **consts, **cfg)
+        launch(plain, grid_fn(cfg), args, consts, cfg)
         return
     full_key = (id(tuned), tuple(consts.items()), key)
     cfg = _best_configs.get(full_key)
@@ -533,7 +545,64 @@ def _call(tuned, plain, grid_fn, args, consts, head_dim, heuristic, key):
         tuned[grid_fn](*args, **consts)
         _best_configs[full_key] = tuned.best_config.all_kwargs()
     else:
-        plain[grid_fn(cfg)](*args, **consts, **cfg)
+        launch(plain, grid_fn(cfg), args, consts, cfg)
+
+
+_compiled: dict = {}  # launch signature -> (compiled kernel, constexpr values in signature order)
+_COMPILED_MAX = 2048
+_leading_pointers: dict = {}
+DIRECT_LAUNCHES = {"hits": 0, "misses": 0}
+_direct_failed = False
+
+
+def direct_launch_enabled() -> bool:
+    """Repeated launches go straight to the compiled kernel (``HF_EFFICIENT_DIRECT_LAUNCH=0`` off)."""
+    return (not _direct_failed and not interpreting()
+            and os.environ.get("HF_EFFICIENT_DIRECT_LAUNCH", "1") != "0")
+
+
+def launch(plain, grid, args, consts, cfg) -> None:
+    """``plain[grid](*args, **consts, **cfg)``, with the JIT's per-call work skipped on repeats.
+
+    Triton's launcher binds and specialises ~50 arguments per call (several microseconds of
+    host time, as much as a short attention kernel runs). The kernel it returns is kept under
+    everything its specialisation depends on: constexprs and options, every scalar argument
+    (integers specialise on value), the pointers' dtypes and 16-byte alignment, and the device;
+    the next call with the same signature launches that kernel directly. Pointer arguments must
+    come first in ``args``. A failure of the direct path disables it with one warning.
+    """
+    global _direct_failed
+    if not direct_launch_enabled():
+        plain[grid](*args, **consts, **cfg)
+        return
+    n = _leading_pointers.get(plain)
+    if n is None:
+        n = next((i for i, a in enumerate(args) if not isinstance(a, torch.Tensor)), len(args))
+        _leading_pointers[plain] = n
+    ptrs = args[:n]
+    key = (plain, tuple(consts.items()), tuple(cfg.items()), args[n:],
+           tuple(t.dtype for t in ptrs), tuple(t.data_ptr() % 16 == 0 for t in ptrs),
+           torch.cuda.current_device())
+    hit = _compiled.get(key)
+    if hit is not None:
+        kernel, extra = hit
+        try:
+            kernel[(*grid, 1, 1)[:3]](*args, *extra)
+            DIRECT_LAUNCHES["hits"] += 1
+            return
+        except Exception as e:  # a Triton version whose compiled-kernel launcher differs
+            _direct_failed = True
+            warnings.warn(f"hf_efficient: direct kernel launch failed ({type(e).__name__}: {e}); "
+                          "using Triton's regular launcher from now on", RuntimeWarning, stacklevel=2)
+    kernel = plain[grid](*args, **consts, **cfg)
+    DIRECT_LAUNCHES["misses"] += 1
+    if kernel is not None and hasattr(kernel, "run") and hasattr(kernel, "__getitem__"):
+        merged = {**consts, **cfg}
+        names = plain.arg_names[len(args):]
+        if all(name in merged for name in names):
+            if len(_compiled) >= _COMPILED_MAX:
+                _compiled.clear()
+            _compiled[key] = (kernel, tuple(merged[name] for name in names))
 
 
 def _window_consts(causal: bool, window_size) -> tuple[int, int, bool, bool]:
@@ -580,6 +649,59 @@ def _bsh_strides(t, varlen):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _contiguous_strides(shape) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for n in reversed(shape):
+        strides.append(acc)
+        acc *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+@functools.lru_cache(maxsize=1024)
+def _fwd_plan(varlen, paged, q_shape, q_stride, k_shape, k_stride, v_stride, bt_stride, alibi_stride,
+              max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_size, softcap, dropout_p):
+    """Everything the forward launch derives from metadata alone, cached per argument signature.
+
+    Returns ``(lse_shape, ints, consts, programs, rows, tune_key)``: the launch's non-tensor
+    arguments after the ten pointers, its constexprs (without ``USE_TMA``, which also depends on
+    pointer alignment), the grid's second axis, the query rows its first axis tiles, and the
+    autotuning key. Repeated calls with the same shapes then skip this Python work.
+    """
+    head_dim = q_shape[-1]
+    nheads, nheads_k = q_shape[-2], k_shape[-2]
+    left, right, has_left, has_right = _window_consts(causal, window_size)
+    has_softcap = softcap > 0.0
+    consts = dict(HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), IS_VARLEN=varlen,
+                  HAS_SOFTCAP=has_softcap, HAS_ALIBI=alibi_stride is not None, HAS_LEFT=has_left,
+                  HAS_RIGHT=has_right, HAS_DROPOUT=dropout_p > 0.0, PAGED=paged,
+                  PAGE=k_shape[1] if paged else 1)
+    out_stride = _contiguous_strides(q_shape)
+    if varlen:
+        seqlen_q, seqlen_k = max_seqlen_q, max_seqlen_k
+        lse_shape = (nheads, q_shape[0])
+        sq, so = (0, *q_stride[:2]), (0, *out_stride[:2])
+    else:
+        seqlen_q, seqlen_k = q_shape[1], k_shape[1]
+        lse_shape = (q_shape[0], nheads, seqlen_q)
+        sq, so = q_stride[:3], out_stride[:3]
+    lse_stride = _contiguous_strides(lse_shape)
+    sl = (0, lse_stride[0]) if varlen else lse_stride[:2]
+    if paged:
+        sk, sv = (0, *k_stride[1:3]), (0, *v_stride[1:3])
+        pages = (bt_stride, k_stride[0], v_stride[0])
+    else:
+        sk = (0, *k_stride[:2]) if varlen else k_stride[:3]
+        sv = (0, *v_stride[:2]) if varlen else v_stride[:3]
+        pages = (0, 0, 0)
+    s_slope_b = alibi_stride[0] if alibi_stride is not None and len(alibi_stride) == 2 else 0
+    ints = (*sq, *sk, *sv, *so, *sl, s_slope_b, *pages, seqlen_q, seqlen_k, nheads,
+            nheads // nheads_k, float(softmax_scale),
+            float(softmax_scale / softcap) if has_softcap else 0.0,
+            float(softcap * LOG2E) if has_softcap else 0.0, float(dropout_p), left, right)
+    tune_key = (_seqlen_class(seqlen_q), _seqlen_class(seqlen_k))
+    return lse_shape, ints, consts, nheads, max(seqlen_q, 0), tune_key
+
+
 def flash_fwd(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, *,
               softmax_scale, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
               dropout_p=0.0, rng_seed=None, block_table=None, fill=True):
@@ -593,51 +715,34 @@ def flash_fwd(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max
     Returns ``out`` like q and float32 ``lse`` (B, H, Sq) or (H, Tq).
     """
     varlen = cu_seqlens_q is not None
-    batch, nheads, nheads_k, head_dim, consts, scalars, s_slope_b = _common(
-        q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_size,
-        softcap, alibi_slopes, dropout_p)
-    if varlen:
-        total_q = q.shape[0]
-        lse = new_output((nheads, total_q), torch.float32, q.device)
-        seqlen_q, seqlen_k = max_seqlen_q, max_seqlen_k
-    else:
-        seqlen_q, seqlen_k = q.shape[1], k.shape[1]
-        max_seqlen_q, max_seqlen_k = seqlen_q, seqlen_k
-        lse = new_output((batch, nheads, seqlen_q), torch.float32, q.device)
-    out = new_output(q.shape, q.dtype, q.device)
     paged = block_table is not None
-    dummy = q  # stands in for absent optional pointers; never dereferenced
-    sqb, sqs, sqh = _bsh_strides(q, varlen)
-    sob, sos, soh = _bsh_strides(out, varlen)
-    if paged:
-        skb, sks, skh = 0, k.stride(1), k.stride(2)
-        svb, svs, svh = 0, v.stride(1), v.stride(2)
-        stride_kpage, stride_vpage, page = k.stride(0), v.stride(0), k.shape[1]
-        s_bt_b = block_table.stride(0)
+    lse_shape, ints, consts, nheads, rows, tune_key = _fwd_plan(
+        varlen, paged, q.shape, q.stride(), k.shape, k.stride(), v.stride(),
+        block_table.stride(0) if paged else 0,
+        alibi_slopes.stride() if alibi_slopes is not None else None,
+        int(max_seqlen_q) if varlen else 0, int(max_seqlen_k) if varlen else 0,
+        float(softmax_scale), bool(causal), tuple(window_size), float(softcap), float(dropout_p))
+    batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
+    if poison_outputs():
+        lse = torch.full(lse_shape, float("nan"), dtype=torch.float32, device=q.device)
+        out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device)
     else:
-        skb, sks, skh = _bsh_strides(k, varlen)
-        svb, svs, svh = _bsh_strides(v, varlen)
-        stride_kpage = stride_vpage = s_bt_b = 0
-        page = 1
-    slb, slh = _lse_strides(lse, varlen)
+        lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dummy = q  # stands in for absent optional pointers; never dereferenced
     args = (q, k, v, out, lse,
             cu_seqlens_q if varlen else dummy, cu_seqlens_k if varlen else dummy,
             alibi_slopes if alibi_slopes is not None else dummy,
             rng_seed if rng_seed is not None else dummy,
-            block_table if paged else dummy,
-            sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh, slb, slh,
-            s_slope_b, s_bt_b, stride_kpage, stride_vpage,
-            seqlen_q, seqlen_k, nheads, nheads // nheads_k, scalars["sm_scale"],
-            scalars["cap_in"], scalars["cap_out"], scalars["dropout_p"],
-            scalars["win_left"], scalars["win_right"])
-    consts = dict(consts, PAGED=paged, PAGE=page, USE_TMA=(not paged) and use_tma(k, v))
-
-    def grid(meta):
-        return (triton.cdiv(max(max_seqlen_q, 1), meta["BLOCK_M"]), batch * nheads)
-
-    if batch * nheads > 0 and max_seqlen_q > 0:
-        _call(_fwd_kernel_tuned, _fwd_kernel, grid, args, consts, head_dim, fwd_heuristic,
-              (seqlen_q, seqlen_k, q.dtype))
+            block_table if paged else dummy, *ints)
+    if batch * nheads > 0 and rows > 0:
+        if not paged and use_tma(k, v):
+            consts = dict(consts, USE_TMA=True)
+        else:
+            consts = dict(consts, USE_TMA=False)
+        _call(_fwd_kernel_tuned, _fwd_kernel,
+              lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), batch * nheads),
+              args, consts, consts["HEAD_DIM"], fwd_heuristic, (*tune_key, q.dtype))
     if varlen and fill:
         fill_uncovered(out, cu_seqlens_q, 0, 0.0)
         fill_uncovered(lse, cu_seqlens_q, 1, float("inf"))

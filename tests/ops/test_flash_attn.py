@@ -549,3 +549,86 @@ def test_gpu_tma_varlen_bf16(monkeypatch):
     ref_hi = attention_varlen_ref(q.float(), k.float(), v.float(), cu, cu, causal=True)
     ref_lo = attention_varlen_ref(q, k, v, cu, cu, causal=True)
     _assert_close("out", out, ref_hi, ref_lo, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host-side fast paths: remembered checks, launch plans, direct launches, tuning classes
+# ----------------------------------------------------------------------------------------------
+
+
+def test_remembered_checks_still_reject_bad_inputs(device):
+    """A signature that passed once skips the tensor checks; everything else is still checked."""
+    q, k, v = _qkv(device, s=9, hk=1)
+    flash_attn_func(q, k, v, causal=True)
+    flash_attn_func(q, k, v, causal=True)  # remembered signature
+    with pytest.raises(ValueError, match="dropout_p"):
+        flash_attn_func(q, k, v, dropout_p=1.5)
+    with pytest.raises(ValueError, match="softcap"):
+        flash_attn_func(q, k, v, softcap=-1.0)
+    with pytest.raises(TypeError, match="window_size"):
+        flash_attn_func(q, k, v, window_size=(1, True))
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        flash_attn_func(q.float(), k, v)
+    with pytest.raises(ValueError, match="contiguous in its last dimension"):
+        flash_attn_func(q.transpose(-1, -2).contiguous().transpose(-1, -2), k, v)
+    with pytest.raises(ValueError, match="headdim"):
+        flash_attn_func(q[..., :12], k[..., :12], v[..., :12])
+
+
+def test_launch_plan_follows_strides(device):
+    """Two calls with equal shapes but different strides must not share a launch plan."""
+    q, k, v = (x.detach() for x in _qkv(device, s=9, hk=1))
+    k_wide = torch.randn(k.shape[0], k.shape[1], k.shape[2], 2 * k.shape[3], dtype=k.dtype,
+                         device=device)[..., : k.shape[3]]
+    k_wide.copy_(k)
+    a = flash_attn_func(q, k, v, causal=True)
+    b = flash_attn_func(q, k_wide, v, causal=True)
+    assert torch.equal(a, b)
+
+
+def test_seqlen_classes():
+    from hf_efficient.ops.flash_fwd import _seqlen_class
+
+    assert [_seqlen_class(n) for n in (0, 1, 16, 17, 512, 513, 4000)] == [16, 16, 16, 32, 512, 1024, 4096]
+
+
+@gpu
+@needs_cuda
+def test_gpu_direct_launch_matches_regular_launcher(monkeypatch):
+    """Repeated launches go straight to the compiled kernel and give the regular launcher's bits,
+    including for a signature that differs only in pointer alignment or dtype."""
+    from hf_efficient.ops import flash_fwd
+
+    q, k, v = (torch.randn(2, 203, 8, 128, dtype=torch.bfloat16, device="cuda") for _ in range(3))
+    base = torch.randn(2 * 203 * 8 * 128 + 8, dtype=torch.bfloat16, device="cuda")
+    q_odd = base[8:].view(2, 203, 8, 128)  # 16-byte aligned, other address
+    q_mis = base[4:-4].view(2, 203, 8, 128)  # 8-byte aligned only: another specialisation
+    q_odd.copy_(q)
+    q_mis.copy_(q)
+    cases = [(q, k, v), (q_odd, k, v), (q_mis, k, v), tuple(x.half() for x in (q, k, v))]
+    monkeypatch.setenv("HF_EFFICIENT_DIRECT_LAUNCH", "0")
+    regular = [flash_attn_func(*c, causal=True) for c in cases]
+    monkeypatch.setenv("HF_EFFICIENT_DIRECT_LAUNCH", "1")
+    before = flash_fwd.DIRECT_LAUNCHES["hits"]
+    for _ in range(3):
+        direct = [flash_attn_func(*c, causal=True) for c in cases]
+        assert all(torch.equal(a, b) for a, b in zip(regular, direct))
+    assert flash_fwd.DIRECT_LAUNCHES["hits"] - before >= 4
+
+
+@gpu
+@needs_cuda
+def test_gpu_varlen_tunes_once_per_length_class():
+    from hf_efficient.ops import flash_fwd
+
+    q, k, v = (torch.randn(3000, 4, 64, dtype=torch.bfloat16, device="cuda") for _ in range(3))
+    flash_attn_varlen_func(q, k, v, _cu([1000, 2000], "cuda"), _cu([1000, 2000], "cuda"), 2000, 2000,
+                           causal=True)
+    tuned = len(flash_fwd._best_configs)
+    for longest in (1100, 1500, 1999):
+        cu = _cu([3000 - longest, longest], "cuda")
+        out = flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, causal=True)
+        ref_hi = attention_varlen_ref(q.float(), k.float(), v.float(), cu, cu, causal=True)
+        ref_lo = attention_varlen_ref(q, k, v, cu, cu, causal=True)
+        _assert_close("out", out, ref_hi, ref_lo, 2)
+    assert len(flash_fwd._best_configs) == tuned
