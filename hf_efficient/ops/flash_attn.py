@@ -378,6 +378,12 @@ def flash_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
         return flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                               softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
                               dropout_p, rng_seed, block_table, deterministic)
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        # nothing to differentiate (inference, generation prefill): skip the autograd node
+        return flash_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                         softmax_scale=softmax_scale, causal=causal, window_size=(window_left, window_right),
+                         softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, rng_seed=rng_seed,
+                         block_table=block_table, fill=fill)
     return _FlashAttnFunction.apply(
         q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_seed, block_table,
         (max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap,

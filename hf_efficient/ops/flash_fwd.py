@@ -585,9 +585,15 @@ def launch(plain, grid, args, consts, cfg) -> None:
            torch.cuda.current_device())
     hit = _compiled.get(key)
     if hit is not None:
-        kernel, extra = hit
+        kernel, run, function, metadata, extra = hit
         try:
-            kernel[(*grid, 1, 1)[:3]](*args, *extra)
+            if _hooks_off():
+                # what CompiledKernel[grid](...) does, minus its per-call closure and hook lookups
+                run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+                    torch._C._cuda_getCurrentRawStream(key[-1]), function, metadata, None, None, None,
+                    *args, *extra)
+            else:  # a profiler's launch hooks are installed: let Triton call them
+                kernel[(*grid, 1, 1)[:3]](*args, *extra)
             DIRECT_LAUNCHES["hits"] += 1
             return
         except Exception as e:  # a Triton version whose compiled-kernel launcher differs
@@ -596,13 +602,23 @@ def launch(plain, grid, args, consts, cfg) -> None:
                           "using Triton's regular launcher from now on", RuntimeWarning, stacklevel=2)
     kernel = plain[grid](*args, **consts, **cfg)
     DIRECT_LAUNCHES["misses"] += 1
-    if kernel is not None and hasattr(kernel, "run") and hasattr(kernel, "__getitem__"):
+    if kernel is not None and all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):
         merged = {**consts, **cfg}
         names = plain.arg_names[len(args):]
         if all(name in merged for name in names):
             if len(_compiled) >= _COMPILED_MAX:
                 _compiled.clear()
-            _compiled[key] = (kernel, tuple(merged[name] for name in names))
+            _compiled[key] = (kernel, kernel.run, kernel.function, kernel.packed_metadata,
+                              tuple(merged[name] for name in names))
+
+
+def _hooks_off() -> bool:
+    """No launch hook is installed (None, or an empty hook chain in newer Triton versions)."""
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    if runtime is None:
+        return False
+    return all(h is None or getattr(h, "calls", None) == []
+               for h in (runtime.launch_enter_hook, runtime.launch_exit_hook))
 
 
 def _window_consts(causal: bool, window_size) -> tuple[int, int, bool, bool]:

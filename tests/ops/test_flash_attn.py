@@ -625,8 +625,8 @@ def test_gpu_varlen_tunes_once_per_length_class():
     flash_attn_varlen_func(q, k, v, _cu([1000, 2000], "cuda"), _cu([1000, 2000], "cuda"), 2000, 2000,
                            causal=True)
     tuned = len(flash_fwd._best_configs)
-    for longest in (1100, 1500, 1999):
-        cu = _cu([3000 - longest, longest], "cuda")
+    for longest in (1500, 1800, 1999):  # all in the 2048 class
+        cu = _cu([longest, 3000 - longest], "cuda")
         out = flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, causal=True)
         ref_hi = attention_varlen_ref(q.float(), k.float(), v.float(), cu, cu, causal=True)
         ref_lo = attention_varlen_ref(q, k, v, cu, cu, causal=True)
