@@ -2,7 +2,7 @@
 # GPU machine: install the tree, record the environment, run the GPU-marked tests, then the generation and
 # packed-SFT benchmarks. Every stage has its own time limit and the script goes on after a failed stage.
 #
-#   STAGES="tests generate sft probe attention decode" GEN_ARGS="--with-compile" scripts/gpu_all.sh RESULTS_DIR [pytest paths...]
+#   STAGES="tests generate sft probe attention decode warmup" GEN_ARGS="--with-compile" scripts/gpu_all.sh RESULTS_DIR [pytest paths...]
 #
 # Results land at most two folders below RESULTS_DIR (bench/<gpu>/...), so that a results folder copied back from a
 # remote machine keeps its whole tree. "probe" runs scripts/gpu_probe.py (engine variants, random-init shapes).
@@ -48,6 +48,9 @@ if [[ $STAGES == *" decode "* ]]; then
   timeout ${DECODE_TIMEOUT:-200} hf-efficient bench decode --out "$RESULTS/bench" 2>&1 \
       | tee "$RESULTS/bench_decode.log" | tail -n 16
   DEC_RC=${PIPESTATUS[0]}
+fi
+if [[ $STAGES == *" warmup "* ]]; then  # cold-cache engine warm-up, compiling ahead off / on
+  timeout ${WARMUP_TIMEOUT:-240} $PY scripts/warmup_probe.py "$RESULTS/warmup_probe.json" 2>&1 | tail -n 4
 fi
 PROBE_RC=-
 if [[ $STAGES == *" probe "* ]]; then

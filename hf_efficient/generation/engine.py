@@ -31,6 +31,7 @@ import torch
 
 from ..cache.allocator import CacheFullError
 from ..cache.paged import PagedCache, StepPlan
+from ..ops import precompile
 from .native import NATIVE_PREFILL_TOKENS, SHORT_CONTEXT, NativeDecoder
 from .native import auto_reason as native_auto_reason
 from .native import structure_key as native_structure_key
@@ -604,18 +605,27 @@ class DecodeEngine:
         self.cache.seq_lens = [r.stored for r in self._active] + [1] * (b - len(self._active))
         self._body(key, plan)
 
-    def _body(self, key, plan: StepPlan) -> None:
-        b, greedy_only, skip_penalty, candidates, context = key
+    def _step_inputs(self, b: int) -> torch.Tensor:
+        """This step's K/V write slots and lengths after it, from the positions (device ops). Returns positions."""
         bs = self.block_size
         pos = self.positions[:b]
         self.seqlens_after[:b].copy_(pos + 1)
         blk = self.block_table[:b].gather(1, (pos // bs)[:, None]).squeeze(1).long()
         self.write_slots[:b].copy_(blk * bs + pos % bs)
+        return pos
+
+    def _native_logits(self, b: int, context: int) -> torch.Tensor:
+        pos = self._step_inputs(b)
+        return self._native.forward(
+            self.tokens[:b], pos, self.write_slots[:b], self.seqlens_after[:b], self.block_table[:b], context
+        )
+
+    def _body(self, key, plan: StepPlan) -> None:
+        b, greedy_only, skip_penalty, candidates, context = key
         if self._native is not None and b <= self.native_max_batch:
-            logits = self._native.forward(
-                self.tokens[:b], pos, self.write_slots[:b], self.seqlens_after[:b], self.block_table[:b], context
-            )
+            logits = self._native_logits(b, context)
         else:
+            pos = self._step_inputs(b)
             self.cache.plan = plan
             out = self.model(
                 input_ids=self.tokens[:b, None], position_ids=pos[:, None], **self._cache_kw,
@@ -636,22 +646,33 @@ class DecodeEngine:
         if key[0] == "prefill":
             io = self._prefill_io[key]
             # the warm-up and the capture write the same K/V the replay writes again (this call's prompts)
-            graph, io[5] = self._record(key, lambda: self._native.prefill(*io[:4], key[1], io[4]), warmups=1)
+            prefill = lambda: self._native.prefill(*io[:4], key[1], io[4])  # noqa: E731
+            graph, io[5] = self._record(key, prefill, warmups=1, dry=prefill)
             return graph
         b = key[0]
         plan = self._plans.setdefault((b, key[-1]), self._static_plan(b, key[-1]))
         saved = self._save_state(b)
+        native = self._native is not None and b <= self.native_max_batch
         graph, _ = self._record(key, lambda: self._body(key, plan), warmups=2,
-                                after=lambda: self._restore_state(b, saved))
+                                after=lambda: self._restore_state(b, saved),
+                                dry=(lambda: self._native_logits(b, key[-1])) if native else None)
         return graph
 
-    def _record(self, key, run, warmups: int, after=None):
+    def _record(self, key, run, warmups: int, after=None, dry=None):
         """Warm ``run`` up on a side stream (Triton compiles and autotunes, JIT builds happen outside the graph),
-        then capture it; ``after`` runs after each warm-up and after the capture. Returns (graph, run's output)."""
+        then capture it; ``after`` runs after each warm-up and after the capture. Returns (graph, run's output).
+
+        ``dry``: a pass over the same kernels that may run on unwritten data (no sampling, no index taken from a
+        kernel's output); with ``HF_EFFICIENT_COMPILE_AHEAD=1`` it runs first inside ``precompile.compiling_ahead``,
+        so the kernels it needs compile in parallel instead of one after the other in the warm-up."""
         start = time.perf_counter()
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
+            if dry is not None:
+                with precompile.compiling_ahead() as ahead:
+                    if ahead:
+                        dry()
             for _ in range(warmups):
                 run()
                 if after is not None:

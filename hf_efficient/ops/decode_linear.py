@@ -25,6 +25,7 @@ import os
 
 import torch
 
+from . import precompile
 from .rmsnorm import fusable, new_output, num_sms, pdl_enabled
 
 try:
@@ -476,7 +477,8 @@ def _launch_norm_linear(x, weights, norm_weight, eps, biases, y, ns, rope=None):
     grid = (triton.cdiv(m, bm), t0 + t1 + t2, split)
     work, cnt = _workspace(x.device, split, grid[0] * grid[1], bm * bn)
     r = rope or {}
-    _norm_linear_kernel[grid](
+    precompile.run(
+        _norm_linear_kernel, grid,
         x, norm_weight if norm_weight is not None else x, *ws, *bs, y,
         work if work is not None else y, cnt if cnt is not None else y,
         m, k, ns[0], ns[1], t0, t1, ns[2], x.stride(0), y.stride(0), float(eps), k_per,
@@ -562,7 +564,8 @@ def linear_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tenso
     bm, bn, bk, warps, stages, split, k_per = tiles(m, n, k, x.device, prefetch=_prefetch(x.device))
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
     work, cnt = _workspace(x.device, split, grid[0] * grid[1], bm * bn)
-    _linear_residual_kernel[grid](
+    precompile.run(
+        _linear_residual_kernel, grid,
         x, weight, residual if residual is not None else y, y,
         work if work is not None else y, cnt if cnt is not None else y, m, k, n,
         x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0), k_per,
@@ -592,8 +595,8 @@ def rope_store(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tenso
     q = new_output((m, nheads, d), qkv.dtype, qkv.device)
     if m == 0:
         return q
-    _rope_store_kernel[(m, nheads + nheads_k)](
-        qkv, positions, inv_freq, q, k_pool, v_pool, slots, qkv.stride(0), float(scaling), nheads, nheads_k,
+    precompile.run(
+        _rope_store_kernel, (m, nheads + nheads_k), qkv, positions, inv_freq, q, k_pool, v_pool, slots, qkv.stride(0), float(scaling), nheads, nheads_k,
         D=d, HALF=d // 2, BLOCK_HALF=triton.next_power_of_2(d // 2), **_pdl_kw(pdl_enabled(qkv.device)), num_warps=1,
     )
     return q

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import precompile
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -437,8 +439,8 @@ def fill_uncovered(x: torch.Tensor, cu_seqlens: torch.Tensor, token_dim: int, va
     block_t = 16 if interpreting() else 64
     block_c = 64 if interpreting() else 256
     grid = (triton.cdiv(total, block_t),)
-    _fill_uncovered_kernel[grid](x, cu_seqlens, cu_seqlens.shape[0] - 1, total, cols, stride_t,
-                                 stride_c, float(value), BLOCK_T=block_t, BLOCK_C=block_c)
+    precompile.run(_fill_uncovered_kernel, grid, x, cu_seqlens, cu_seqlens.shape[0] - 1, total, cols, stride_t,
+                   stride_c, float(value), BLOCK_T=block_t, BLOCK_C=block_c)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -486,7 +488,8 @@ def make_configs(*tables):
 
 def make_pruner(table, wide_table):
     """Autotune pruner keeping the configs listed for the call's head-dim class."""
-    def prune(configs, named_args, **kwargs):
+    def prune(configs, named_args=None, **kwargs):
+        named_args = named_args or {}
         bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
         wide = os.environ.get("HF_EFFICIENT_FLASH_TUNE_WIDE", "0") == "1"
         keep = (wide_table if wide else table)[shape_class(bd)]
@@ -541,6 +544,13 @@ def _call(tuned, plain, grid_fn, args, consts, head_dim, heuristic, key):
         return
     full_key = (id(tuned), tuple(consts.items()), key)
     cfg = _best_configs.get(full_key)
+    if cfg is None and precompile.active():  # dry pass: compile every config the autotuner will time
+        prune = getattr(tuned, "early_config_prune", None)
+        configs = prune(tuned.configs, **consts) if prune is not None else tuned.configs
+        for c in configs:
+            kw = c.all_kwargs()
+            precompile.warmup(plain, grid_fn(kw), args, {**consts, **kw})
+        return
     if cfg is None:
         tuned[grid_fn](*args, **consts)
         _best_configs[full_key] = tuned.best_config.all_kwargs()
@@ -572,6 +582,9 @@ def launch(plain, grid, args, consts, cfg) -> None:
     come first in ``args``. A failure of the direct path disables it with one warning.
     """
     global _direct_failed
+    if precompile.active():
+        precompile.warmup(plain, grid, args, {**consts, **cfg})
+        return
     if not direct_launch_enabled():
         plain[grid](*args, **consts, **cfg)
         return

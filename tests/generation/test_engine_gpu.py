@@ -39,6 +39,27 @@ def test_graph_replay_is_bitwise_identical_to_eager(smollm2_bf16, temperature, n
         assert a.logprobs == b.logprobs
 
 
+def test_compile_ahead_changes_no_token(smollm2_bf16, monkeypatch):
+    """The dry compile pass before each native capture (HF_EFFICIENT_COMPILE_AHEAD=1) runs on unwritten buffers:
+    tokens and logprobs must equal an engine without it, including the native prefill graph (a prompt alone)."""
+    from hf_efficient.ops import precompile
+
+    prompts = _prompts([40], smollm2_bf16.config.vocab_size)
+    params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=40, seed=5, ignore_eos=True)
+    monkeypatch.setenv("HF_EFFICIENT_COMPILE_AHEAD", "0")
+    ref = DecodeEngine(smollm2_bf16, max_batch=1, max_tokens=1024).generate(prompts, params)
+    monkeypatch.setenv("HF_EFFICIENT_COMPILE_AHEAD", "1")
+    passes = precompile.STATS["passes"]
+    engine = DecodeEngine(smollm2_bf16, max_batch=1, max_tokens=1024)
+    got = engine.generate(prompts, params)
+    assert engine.stats.native_reason is None and engine.stats.native_prefills >= 1
+    assert precompile.STATS["passes"] > passes, "no dry pass ran (no async compile mode in this Triton?)"
+    assert precompile.STATS["errors"] == 0
+    for (a,), (b,) in zip(got, ref):
+        assert a.output == b.output
+        assert a.logprobs == b.logprobs
+
+
 def _chat(tokenizer, texts):
     return [
         list(tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
