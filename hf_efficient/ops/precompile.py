@@ -59,20 +59,36 @@ def compiling_ahead(workers: int | None = None):
     workers = workers or max(1, min(16, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hfe-compile") as pool:
         try:
-            mode = mode_cls(pool, ignore_errors=True)
-        except TypeError:  # older signature
-            mode = mode_cls(pool)
+            try:
+                mode = mode_cls(pool, ignore_errors=True)
+            except TypeError:  # older signature
+                mode = mode_cls(pool)
+            mode.__enter__()
+        except Exception as e:  # e.g. another async-compile mode is active (torch.compile's)
+            _warn(e)
+            yield False
+            return
         _state.on = True
         STATS["passes"] += 1
+        failed = None
         try:
-            with mode:
-                yield True
-        except Exception as e:  # a compile failed: the real launch recompiles and reports it
-            STATS["errors"] += 1
-            warnings.warn(f"hf_efficient: compiling ahead failed ({type(e).__name__}: {e}); kernels compile at "
-                          "their first launch instead", RuntimeWarning, stacklevel=3)
+            yield True
+        except Exception as e:  # the dry pass itself failed: the real pass that follows reports it
+            failed = e
         finally:
             _state.on = False
+            try:
+                mode.__exit__(None, None, None)  # waits for the queued compiles
+            except Exception as e:  # a compile failed: the real launch recompiles and reports it
+                failed = failed or e
+        if failed is not None:
+            _warn(failed)
+
+
+def _warn(e: BaseException) -> None:
+    STATS["errors"] += 1
+    warnings.warn(f"hf_efficient: compiling ahead failed ({type(e).__name__}: {e}); kernels compile at their "
+                  "first launch instead", RuntimeWarning, stacklevel=4)
 
 
 def warmup(kernel, grid, args, kwargs) -> None:

@@ -111,3 +111,23 @@ def test_compile_ahead_is_inactive_under_the_interpreter(monkeypatch):
     monkeypatch.setattr(flash_fwd, "interpreting", lambda: True)
     with precompile.compiling_ahead() as on:
         assert not on
+
+
+def test_async_mode_refusing_to_start_or_failing_to_finish(monkeypatch, ahead):
+    class Busy(FakeMode):
+        def __enter__(self):
+            raise RuntimeError("Another AsyncCompileMode is already active")
+
+    class Broken(FakeMode):
+        def __exit__(self, *exc):
+            raise RuntimeError("ptxas failed")
+
+    monkeypatch.setattr(precompile, "_async_mode_class", lambda: Busy)
+    with pytest.warns(RuntimeWarning, match="already active"):
+        with precompile.compiling_ahead() as on:
+            assert not on and not precompile.active()
+    monkeypatch.setattr(precompile, "_async_mode_class", lambda: Broken)
+    with pytest.warns(RuntimeWarning, match="ptxas failed"):
+        with precompile.compiling_ahead() as on:
+            assert on
+    assert not precompile.active()
