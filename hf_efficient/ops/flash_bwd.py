@@ -21,6 +21,7 @@ as the forward kernel (``flash_fwd.score_mod``, ``flash_fwd.dropout_keep``).
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -28,11 +29,12 @@ import triton
 import triton.language as tl
 
 from .flash_fwd import (
-    _bsh_strides,
+    LOG2E,
     _call,
-    _common,
-    _lse_strides,
+    _contiguous_strides,
     _seqlen_class,
+    _window_consts,
+    block_d,
     dropout_keep,
     fill_uncovered,
     interpreting,
@@ -369,6 +371,38 @@ def bwd_scheme(deterministic: bool) -> str:
     return scheme if scheme in ("split", "atomic") else "split"
 
 
+@functools.lru_cache(maxsize=1024)
+def _bwd_plan(varlen, q_shape, q_stride, k_shape, k_stride, v_stride, out_stride, dout_stride, lse_stride,
+              alibi_stride, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_size, softcap, dropout_p):
+    """The backward launches' metadata-derived arguments, cached per argument signature (like ``_fwd_plan``).
+
+    Returns ``(consts, strides, tail, seqlen_q, seqlen_k, nheads, nheads_k, tune_key)``: ``strides`` maps each
+    tensor role to its (batch, seq, head) strides -- the outputs dq/dk/dv (and the atomic scheme's float32 dQ
+    accumulator) are contiguous in the shapes of q/k/v -- and ``tail`` is (lse strides, ALiBi batch stride).
+    """
+    head_dim = q_shape[-1]
+    nheads, nheads_k = q_shape[-2], k_shape[-2]
+    left, right, has_left, has_right = _window_consts(causal, window_size)
+    has_softcap = softcap > 0.0
+    consts = dict(HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), IS_VARLEN=varlen, HAS_SOFTCAP=has_softcap,
+                  HAS_ALIBI=alibi_stride is not None, HAS_LEFT=has_left, HAS_RIGHT=has_right,
+                  HAS_DROPOUT=dropout_p > 0.0)
+
+    def bsh(stride):
+        return (0, *stride[:2]) if varlen else tuple(stride[:3])
+
+    strides = {"q": bsh(q_stride), "k": bsh(k_stride), "v": bsh(v_stride), "out": bsh(out_stride),
+               "dout": bsh(dout_stride), "dq": bsh(_contiguous_strides(q_shape)),
+               "dk": bsh(_contiguous_strides(k_shape)), "dv": bsh(_contiguous_strides(k_shape))}
+    lse_strides = (0, lse_stride[0]) if varlen else tuple(lse_stride[:2])
+    s_slope_b = alibi_stride[0] if alibi_stride is not None and len(alibi_stride) == 2 else 0
+    seqlen_q, seqlen_k = (max_seqlen_q, max_seqlen_k) if varlen else (q_shape[1], k_shape[1])
+    common = (float(softmax_scale), float(softmax_scale / softcap) if has_softcap else 0.0,
+              float(softcap * LOG2E) if has_softcap else 0.0, float(dropout_p), left, right)
+    tune_key = (_seqlen_class(seqlen_q), _seqlen_class(seqlen_k))
+    return consts, strides, (lse_strides, s_slope_b, common), seqlen_q, seqlen_k, nheads, nheads_k, tune_key
+
+
 def flash_bwd(dout, q, k, v, out, lse, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
               max_seqlen_k=0, *, softmax_scale, causal=False, window_size=(-1, -1), softcap=0.0,
               alibi_slopes=None, dropout_p=0.0, rng_seed=None, deterministic=False, fill=True):
@@ -378,14 +412,16 @@ def flash_bwd(dout, q, k, v, out, lse, cu_seqlens_q=None, cu_seqlens_k=None, max
     Returns dq, dk, dv with the shapes and dtypes of q, k, v (contiguous).
     """
     varlen = cu_seqlens_q is not None
-    batch, nheads, nheads_k, head_dim, consts, scalars, s_slope_b = _common(
-        q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_size,
-        softcap, alibi_slopes, dropout_p)
-    if not varlen:
-        max_seqlen_q, max_seqlen_k = q.shape[1], k.shape[1]
-    seqlen_q, seqlen_k = max_seqlen_q, max_seqlen_k
+    consts, st, (lse_st, s_slope_b, common), seqlen_q, seqlen_k, nheads, nheads_k, tune_key = _bwd_plan(
+        varlen, q.shape, q.stride(), k.shape, k.stride(), v.stride(), out.stride(), dout.stride(), lse.stride(),
+        alibi_slopes.stride() if alibi_slopes is not None else None,
+        int(max_seqlen_q) if varlen else 0, int(max_seqlen_k) if varlen else 0, float(softmax_scale),
+        bool(causal), tuple(window_size), float(softcap), float(dropout_p))
+    batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
+    max_seqlen_q, max_seqlen_k = seqlen_q, seqlen_k
+    head_dim = consts["HEAD_DIM"]
+    tune_key = (*tune_key, q.dtype)
     scheme = bwd_scheme(deterministic)
-    tune_key = (_seqlen_class(seqlen_q), _seqlen_class(seqlen_k), q.dtype)
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
@@ -395,22 +431,21 @@ def flash_bwd(dout, q, k, v, out, lse, cu_seqlens_q=None, cu_seqlens_k=None, max
     cu_k = cu_seqlens_k if varlen else dummy
     slopes = alibi_slopes if alibi_slopes is not None else dummy
     seed = rng_seed if rng_seed is not None else dummy
-    sqb, sqs, sqh = _bsh_strides(q, varlen)
-    skb, sks, skh = _bsh_strides(k, varlen)
-    svb, svs, svh = _bsh_strides(v, varlen)
-    sob, sos, soh = _bsh_strides(out, varlen)
-    sdob, sdos, sdoh = _bsh_strides(dout, varlen)
-    slb, slh = _lse_strides(lse, varlen)
+    sqb, sqs, sqh = st["q"]
+    skb, sks, skh = st["k"]
+    svb, svs, svh = st["v"]
+    sob, sos, soh = st["out"]
+    sdob, sdos, sdoh = st["dout"]
+    slb, slh = lse_st
     bd = consts["BLOCK_D"]
-    common = (scalars["sm_scale"], scalars["cap_in"], scalars["cap_out"], scalars["dropout_p"],
-              scalars["win_left"], scalars["win_right"])
     atomic = scheme == "atomic"
     # The dK/dV kernel's DQ argument: float32 accumulator (atomic scheme) or an unused stand-in
     # (the autotuner zeroes it between trials, so it must not alias a real output).
-    dq_acc = torch.zeros(q.shape if atomic else (1,), dtype=torch.float32, device=q.device)
-    sdqb, sdqs, sdqh = _bsh_strides(dq_acc if atomic else dq, varlen)
-    sdkb, sdks, sdkh = _bsh_strides(dk, varlen)
-    sdvb, sdvs, sdvh = _bsh_strides(dv, varlen)
+    dq_acc = (torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic
+              else torch.empty((1,), dtype=torch.float32, device=q.device))
+    sdqb, sdqs, sdqh = st["dq"]
+    sdkb, sdks, sdkh = st["dk"]
+    sdvb, sdvs, sdvh = st["dv"]
     have_q = batch * nheads > 0 and max_seqlen_q > 0
     if have_q and atomic:
         pre_m = 16 if interpreting() else 64
