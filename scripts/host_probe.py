@@ -4,27 +4,17 @@
 """
 import json
 import sys
-import time
 
 import torch
 
 from hf_efficient.attention.flash_api import flash_attn_func
+from hf_efficient.bench.attention import host_us_per_call
 from hf_efficient.ops import flash_attn as fa
 from hf_efficient.ops import flash_fwd as ff
 
 
-def per_call_us(fn, n=500):
-    for _ in range(30):
-        fn()
-    best = float("inf")
-    for _ in range(3):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        best = min(best, (time.perf_counter() - t) / n)
-    torch.cuda.synchronize()
-    return round(best * 1e6, 1)
+def per_call_us(fn):
+    return host_us_per_call(fn, n=500, warmup=30)
 
 
 def main():

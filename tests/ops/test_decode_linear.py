@@ -25,6 +25,17 @@ def _gen(seed):
     return lambda *shape, scale=1.0: torch.randn(*shape, generator=g) * scale
 
 
+def _projection_inputs(r, m, k, ns, bias, device, dtype):
+    """Rows, norm weight, projection weights and biases in float64 and cast to ``dtype`` on ``device``:
+    ``(x64, nw64, ws64, bs64), (x, nw, ws, bs)``."""
+    x64, nw64 = r(m, k, scale=2.0).double(), (1 + 0.3 * r(k)).double()
+    ws64 = [r(n, k, scale=k ** -0.5).double() for n in ns]
+    bs64 = [r(n).double() for n in ns] if bias else None
+    cast = lambda t: t.to(device, dtype)  # noqa: E731
+    return (x64, nw64, ws64, bs64), (cast(x64), cast(nw64), [cast(w) for w in ws64],
+                                     [cast(b) for b in bs64] if bias else None)
+
+
 def _assert_accurate(out, ref_same, ref64, factor=2.0):
     assert out.dtype == ref_same.dtype and out.shape == ref_same.shape
     assert torch.isfinite(out).all()
@@ -40,13 +51,7 @@ def _assert_accurate(out, ref_same, ref64, factor=2.0):
 @pytest.mark.parametrize("k", [88, 600])  # 600: K split across programs (split-K fix-up)
 def test_norm_linear(device, dtype, m, bias, k):
     r = _gen(m * 2 + bias + k)
-    ns = (72, 24, 24)
-    x64, nw64 = r(m, k, scale=2.0).double(), (1 + 0.3 * r(k)).double()
-    ws64 = [r(n, k, scale=k ** -0.5).double() for n in ns]
-    bs64 = [r(n).double() for n in ns] if bias else None
-    cast = lambda t: t.to(device, dtype)  # noqa: E731
-    x, nw, ws = cast(x64), cast(nw64), [cast(w) for w in ws64]
-    bs = [cast(b) for b in bs64] if bias else None
+    (x64, nw64, ws64, bs64), (x, nw, ws, bs) = _projection_inputs(r, m, k, (72, 24, 24), bias, device, dtype)
     out = dl.norm_linear(x, ws, nw, 1e-5, bs)
     ref = dl.norm_linear_reference(x, ws, nw, 1e-5, bs)
     ref64 = dl.norm_linear_reference(x64, ws64, nw64, 1e-5, bs64).to(device)
@@ -109,12 +114,7 @@ def test_norm_linear_rope_equals_the_two_ops(device, dtype, m, head_dim, bias):
     r = _gen(m + head_dim)
     h, hk, k, bs = 4, 2, 96, 4
     ns = (h * head_dim, hk * head_dim, hk * head_dim)
-    x64, nw64 = r(m, k, scale=2.0).double(), (1 + 0.3 * r(k)).double()
-    ws64 = [r(n, k, scale=k ** -0.5).double() for n in ns]
-    bs64 = [r(n).double() for n in ns] if bias else None
-    cast = lambda t: t.to(device, dtype)  # noqa: E731
-    x, nw, ws = cast(x64), cast(nw64), [cast(w) for w in ws64]
-    bs_ = [cast(b) for b in bs64] if bias else None
+    (x64, nw64, ws64, bs64), (x, nw, ws, bs_) = _projection_inputs(r, m, k, ns, bias, device, dtype)
     pos = torch.randint(0, 3000, (m,)).to(device)
     inv = (1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)).to(device)
     slots = torch.randperm(12 * bs)[:m].to(device)
