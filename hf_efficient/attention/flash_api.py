@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from ..ops.flash_attn import check_inputs, check_seqlen_values, check_window, flash_attn
+from ..ops.flash_attn import check_inputs, check_seqlen_values, flash_attn
 from ..ops.flash_fwd import attn_probs
 
 __all__ = [
@@ -43,10 +43,9 @@ def _new_seed(device: torch.device) -> torch.Tensor:
 def _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
          causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
          block_table=None):
-    check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                 dropout_p=dropout_p, softmax_scale=softmax_scale, window_size=window_size,
-                 softcap=softcap, alibi_slopes=alibi_slopes, block_table=block_table)
-    left, right = check_window(window_size)
+    left, right = check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                               dropout_p=dropout_p, softmax_scale=softmax_scale, window_size=window_size,
+                               softcap=softcap, alibi_slopes=alibi_slopes, block_table=block_table)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     covers = None

@@ -48,8 +48,9 @@ _CHECKED_MAX = 4096
 
 def check_inputs(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
                  max_seqlen_k=None, *, dropout_p=0.0, softmax_scale=None, window_size=(-1, -1),
-                 softcap=0.0, alibi_slopes=None, block_table=None) -> None:
+                 softcap=0.0, alibi_slopes=None, block_table=None) -> tuple[int, int]:
     """Validate kernel inputs; raise ``TypeError``/``ValueError`` naming the offending argument.
+    Returns the window as ``(left, right)``.
 
     The tensor checks depend on metadata only (shape, strides, dtype, device), so a signature
     that passed once is remembered and not re-checked: repeated calls (every layer, every step)
@@ -77,7 +78,7 @@ def check_inputs(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=Non
         raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
     if not isinstance(softcap, (int, float)) or softcap < 0:
         raise ValueError(f"softcap must be a float >= 0 (0 disables it), got {softcap!r}")
-    check_window(window_size)
+    return check_window(window_size)
 
 
 def _check_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, block_table) -> None:

@@ -29,12 +29,11 @@ import triton
 import triton.language as tl
 
 from .flash_fwd import (
-    LOG2E,
     _call,
     _contiguous_strides,
+    _lse_strides,
     _seqlen_class,
-    _window_consts,
-    block_d,
+    bsh,
     dropout_keep,
     fill_uncovered,
     interpreting,
@@ -44,6 +43,7 @@ from .flash_fwd import (
     make_heuristic,
     make_pruner,
     new_output,
+    score_args,
     score_mod,
     seq_bounds,
     tune_bench,
@@ -380,25 +380,16 @@ def _bwd_plan(varlen, q_shape, q_stride, k_shape, k_stride, v_stride, out_stride
     tensor role to its (batch, seq, head) strides -- the outputs dq/dk/dv (and the atomic scheme's float32 dQ
     accumulator) are contiguous in the shapes of q/k/v -- and ``tail`` is (lse strides, ALiBi batch stride).
     """
-    head_dim = q_shape[-1]
     nheads, nheads_k = q_shape[-2], k_shape[-2]
-    left, right, has_left, has_right = _window_consts(causal, window_size)
-    has_softcap = softcap > 0.0
-    consts = dict(HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), IS_VARLEN=varlen, HAS_SOFTCAP=has_softcap,
-                  HAS_ALIBI=alibi_stride is not None, HAS_LEFT=has_left, HAS_RIGHT=has_right,
-                  HAS_DROPOUT=dropout_p > 0.0)
-
-    def bsh(stride):
-        return (0, *stride[:2]) if varlen else tuple(stride[:3])
-
-    strides = {"q": bsh(q_stride), "k": bsh(k_stride), "v": bsh(v_stride), "out": bsh(out_stride),
-               "dout": bsh(dout_stride), "dq": bsh(_contiguous_strides(q_shape)),
-               "dk": bsh(_contiguous_strides(k_shape)), "dv": bsh(_contiguous_strides(k_shape))}
-    lse_strides = (0, lse_stride[0]) if varlen else tuple(lse_stride[:2])
+    consts, common = score_args(q_shape[-1], varlen, causal, window_size, softcap, alibi_stride is not None,
+                                softmax_scale, dropout_p)
+    strides = {"q": bsh(q_stride, varlen), "k": bsh(k_stride, varlen), "v": bsh(v_stride, varlen),
+               "out": bsh(out_stride, varlen), "dout": bsh(dout_stride, varlen),
+               "dq": bsh(_contiguous_strides(q_shape), varlen), "dk": bsh(_contiguous_strides(k_shape), varlen),
+               "dv": bsh(_contiguous_strides(k_shape), varlen)}
+    lse_strides = _lse_strides(lse_stride, varlen)
     s_slope_b = alibi_stride[0] if alibi_stride is not None and len(alibi_stride) == 2 else 0
     seqlen_q, seqlen_k = (max_seqlen_q, max_seqlen_k) if varlen else (q_shape[1], k_shape[1])
-    common = (float(softmax_scale), float(softmax_scale / softcap) if has_softcap else 0.0,
-              float(softcap * LOG2E) if has_softcap else 0.0, float(dropout_p), left, right)
     tune_key = (_seqlen_class(seqlen_q), _seqlen_class(seqlen_k))
     return consts, strides, (lse_strides, s_slope_b, common), seqlen_q, seqlen_k, nheads, nheads_k, tune_key
 
@@ -440,7 +431,7 @@ def flash_bwd(dout, q, k, v, out, lse, cu_seqlens_q=None, cu_seqlens_k=None, max
     bd = consts["BLOCK_D"]
     atomic = scheme == "atomic"
     # The dK/dV kernel's DQ argument: float32 accumulator (atomic scheme) or an unused stand-in
-    # (the autotuner zeroes it between trials, so it must not alias a real output).
+    # (never read without ATOMIC_DQ; kept apart from the real outputs).
     dq_acc = (torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic
               else torch.empty((1,), dtype=torch.float32, device=q.device))
     sdqb, sdqs, sdqh = st["dq"]

@@ -651,31 +651,35 @@ def _common(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, causa
     else:
         batch, _, nheads, head_dim = q.shape
         nheads_k = k.shape[2]
-    left, right, has_left, has_right = _window_consts(causal, window_size)
-    has_softcap = softcap > 0.0
-    has_alibi = alibi_slopes is not None
-    s_slope_b = alibi_slopes.stride(0) if has_alibi and alibi_slopes.dim() == 2 else 0
-    consts = dict(HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), IS_VARLEN=varlen,
-                  HAS_SOFTCAP=has_softcap, HAS_ALIBI=has_alibi, HAS_LEFT=has_left,
-                  HAS_RIGHT=has_right, HAS_DROPOUT=dropout_p > 0.0)
-    scalars = dict(
-        sm_scale=float(softmax_scale),
-        cap_in=float(softmax_scale / softcap) if has_softcap else 0.0,
-        cap_out=float(softcap * LOG2E) if has_softcap else 0.0,
-        win_left=left, win_right=right, dropout_p=float(dropout_p),
-    )
+    s_slope_b = alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
+    consts, scalars = score_args(head_dim, varlen, causal, tuple(window_size), float(softcap),
+                                 alibi_slopes is not None, float(softmax_scale), float(dropout_p))
     return batch, nheads, nheads_k, head_dim, consts, scalars, s_slope_b
 
 
-def _lse_strides(lse, varlen):
-    return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+def score_args(head_dim, varlen, causal, window_size, softcap, has_alibi, softmax_scale, dropout_p):
+    """Constexprs and trailing scalar arguments shared by the forward, backward and probability kernels.
+
+    Returns ``(consts, scalars)``; ``scalars`` is (sm_scale, cap_in, cap_out, dropout_p, win_left,
+    win_right) in the kernels' argument order.
+    """
+    left, right, has_left, has_right = _window_consts(causal, window_size)
+    has_softcap = softcap > 0.0
+    consts = dict(HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), IS_VARLEN=varlen,
+                  HAS_SOFTCAP=has_softcap, HAS_ALIBI=has_alibi, HAS_LEFT=has_left,
+                  HAS_RIGHT=has_right, HAS_DROPOUT=dropout_p > 0.0)
+    scalars = (float(softmax_scale), float(softmax_scale / softcap) if has_softcap else 0.0,
+               float(softcap * LOG2E) if has_softcap else 0.0, float(dropout_p), left, right)
+    return consts, scalars
 
 
-def _bsh_strides(t, varlen):
-    """(batch, seq, head) strides of a (B, S, H, D) or (T, H, D) tensor."""
-    if varlen:
-        return 0, t.stride(0), t.stride(1)
-    return t.stride(0), t.stride(1), t.stride(2)
+def bsh(stride, varlen) -> tuple[int, int, int]:
+    """(batch, seq, head) strides from the strides of a (B, S, H, D) or (T, H, D) tensor."""
+    return (0, stride[0], stride[1]) if varlen else (stride[0], stride[1], stride[2])
+
+
+def _lse_strides(lse_stride, varlen):
+    return (0, lse_stride[0]) if varlen else (lse_stride[0], lse_stride[1])
 
 
 def _contiguous_strides(shape) -> tuple[int, ...]:
@@ -698,35 +702,25 @@ def _fwd_plan(varlen, paged, q_shape, q_stride, k_shape, k_stride, v_stride, bt_
     """
     head_dim = q_shape[-1]
     nheads, nheads_k = q_shape[-2], k_shape[-2]
-    left, right, has_left, has_right = _window_consts(causal, window_size)
-    has_softcap = softcap > 0.0
-    consts = dict(HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), IS_VARLEN=varlen,
-                  HAS_SOFTCAP=has_softcap, HAS_ALIBI=alibi_stride is not None, HAS_LEFT=has_left,
-                  HAS_RIGHT=has_right, HAS_DROPOUT=dropout_p > 0.0, PAGED=paged,
-                  PAGE=k_shape[1] if paged else 1)
-    out_stride = _contiguous_strides(q_shape)
+    consts, scalars = score_args(head_dim, varlen, causal, window_size, softcap, alibi_stride is not None,
+                                 softmax_scale, dropout_p)
+    consts.update(PAGED=paged, PAGE=k_shape[1] if paged else 1)
     if varlen:
         seqlen_q, seqlen_k = max_seqlen_q, max_seqlen_k
         lse_shape = (nheads, q_shape[0])
-        sq, so = (0, *q_stride[:2]), (0, *out_stride[:2])
     else:
         seqlen_q, seqlen_k = q_shape[1], k_shape[1]
         lse_shape = (q_shape[0], nheads, seqlen_q)
-        sq, so = q_stride[:3], out_stride[:3]
-    lse_stride = _contiguous_strides(lse_shape)
-    sl = (0, lse_stride[0]) if varlen else lse_stride[:2]
     if paged:
         sk, sv = (0, *k_stride[1:3]), (0, *v_stride[1:3])
         pages = (bt_stride, k_stride[0], v_stride[0])
     else:
-        sk = (0, *k_stride[:2]) if varlen else k_stride[:3]
-        sv = (0, *v_stride[:2]) if varlen else v_stride[:3]
+        sk, sv = bsh(k_stride, varlen), bsh(v_stride, varlen)
         pages = (0, 0, 0)
     s_slope_b = alibi_stride[0] if alibi_stride is not None and len(alibi_stride) == 2 else 0
-    ints = (*sq, *sk, *sv, *so, *sl, s_slope_b, *pages, seqlen_q, seqlen_k, nheads,
-            nheads // nheads_k, float(softmax_scale),
-            float(softmax_scale / softcap) if has_softcap else 0.0,
-            float(softcap * LOG2E) if has_softcap else 0.0, float(dropout_p), left, right)
+    ints = (*bsh(q_stride, varlen), *sk, *sv, *bsh(_contiguous_strides(q_shape), varlen),
+            *_lse_strides(_contiguous_strides(lse_shape), varlen), s_slope_b, *pages, seqlen_q, seqlen_k,
+            nheads, nheads // nheads_k, *scalars)
     tune_key = (_seqlen_class(seqlen_q), _seqlen_class(seqlen_k))
     return lse_shape, ints, consts, nheads, max(seqlen_q, 0), tune_key
 
@@ -752,12 +746,8 @@ def flash_fwd(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max
         int(max_seqlen_q) if varlen else 0, int(max_seqlen_k) if varlen else 0,
         float(softmax_scale), bool(causal), tuple(window_size), float(softcap), float(dropout_p))
     batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
-    if poison_outputs():
-        lse = torch.full(lse_shape, float("nan"), dtype=torch.float32, device=q.device)
-        out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device)
-    else:
-        lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = new_output(lse_shape, torch.float32, q.device)
+    out = new_output(q.shape, q.dtype, q.device)
     dummy = q  # stands in for absent optional pointers; never dereferenced
     args = (q, k, v, out, lse,
             cu_seqlens_q if varlen else dummy, cu_seqlens_k if varlen else dummy,
@@ -798,9 +788,9 @@ def attn_probs(q, k, lse, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, 
     if probs.numel() == 0:
         return probs
     dummy = q
-    sqb, sqs, sqh = _bsh_strides(q, varlen)
-    skb, sks, skh = _bsh_strides(k, varlen)
-    slb, slh = _lse_strides(lse, varlen)
+    sqb, sqs, sqh = bsh(q.stride(), varlen)
+    skb, sks, skh = bsh(k.stride(), varlen)
+    slb, slh = _lse_strides(lse.stride(), varlen)
     bm = 16 if interpreting() else 64
     grid = (triton.cdiv(max_seqlen_q, bm), triton.cdiv(max_seqlen_k, bm), batch * nheads)
     _probs_kernel[grid](
@@ -809,6 +799,5 @@ def attn_probs(q, k, lse, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, 
         rng_seed if rng_seed is not None else dummy,
         sqb, sqs, sqh, skb, sks, skh, slb, slh, probs.stride(0), probs.stride(1),
         probs.stride(2), s_slope_b, max_seqlen_q, max_seqlen_k, nheads, nheads // nheads_k,
-        scalars["sm_scale"], scalars["cap_in"], scalars["cap_out"], scalars["dropout_p"],
-        scalars["win_left"], scalars["win_right"], BLOCK_M=bm, BLOCK_N=bm, **consts)
+        *scalars, BLOCK_M=bm, BLOCK_N=bm, **consts)
     return probs
