@@ -3,6 +3,7 @@
 # packed-SFT benchmarks. Every stage has its own time limit and the script goes on after a failed stage.
 #
 #   STAGES="tests generate sft probe attention decode warmup" GEN_ARGS="--with-compile" scripts/gpu_all.sh RESULTS_DIR [pytest paths...]
+#   (DECODE_ARGS="--sweep": variant x split table; PROBE_SHAPES="smollm2", PROBE_LABELS/PROBE_LIGHT: see gpu_probe.py)
 #
 # Results land at most two folders below RESULTS_DIR (bench/<gpu>/...), so that a results folder copied back from a
 # remote machine keeps its whole tree. "probe" runs scripts/gpu_probe.py (engine variants, random-init shapes).
@@ -45,7 +46,7 @@ if [[ $STAGES == *" attention "* ]]; then
   ATT_RC=${PIPESTATUS[0]}
 fi
 if [[ $STAGES == *" decode "* ]]; then
-  timeout ${DECODE_TIMEOUT:-200} hf-efficient bench decode --out "$RESULTS/bench" 2>&1 \
+  timeout ${DECODE_TIMEOUT:-200} hf-efficient bench decode --out "$RESULTS/bench" ${DECODE_ARGS:-} 2>&1 \
       | tee "$RESULTS/bench_decode.log" | tail -n 16
   DEC_RC=${PIPESTATUS[0]}
 fi
@@ -54,7 +55,7 @@ if [[ $STAGES == *" warmup "* ]]; then  # cold-cache engine warm-up, compiling a
 fi
 PROBE_RC=-
 if [[ $STAGES == *" probe "* ]]; then
-  timeout ${PROBE_TIMEOUT:-330} $PY scripts/gpu_probe.py "$RESULTS/probe" 2>&1 | tee "$RESULTS/probe.log" | tail -n 10
+  timeout ${PROBE_TIMEOUT:-330} $PY scripts/gpu_probe.py "$RESULTS/probe" ${PROBE_SHAPES:-} 2>&1 | tee "$RESULTS/probe.log" | tail -n 10
   PROBE_RC=${PIPESTATUS[0]}
 fi
 echo "== summary: gpu tests rc=$TEST_RC bench generate rc=$GEN_RC sft_parity rc=$SFT_RC probe rc=$PROBE_RC" \

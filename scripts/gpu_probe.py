@@ -1,7 +1,8 @@
 """Decode-step probe for tuning on the GPU (not a benchmark of record: random-init models, no anchors).
 
 For the SmolLM2 shape and the 1B Llama shape at batch 1 it times engine variants (``VARIANTS``: programmatic
-dependent launch off, rotary as its own kernel, larger prefetch tiles, no run-ahead): tokens/s of one 256-token greedy call, back-to-back replays of the captured step, and the
+dependent launch off, rotary as its own kernel, larger prefetch tiles, no run-ahead, early K/V reads off, forced
+attention-kernel variants): tokens/s of one 256-token greedy call, back-to-back replays of the captured step, and the
 GPU timeline of one call from the profiler: busy time, the idle gaps between kernels, and the host functions
 running during the largest gaps. Writes ``probe.json`` (and a gzipped trace of one call) into the given folder.
 
@@ -121,8 +122,16 @@ VARIANTS = {  # label: (environment, engine keywords)
     "rope as its own kernel": ({"HF_EFFICIENT_FUSED_ROPE": "0"}, {}),
     "prefetch tile 16k": ({"HF_EFFICIENT_PREFETCH_TILE": "16384"}, {}),
     "no run-ahead": ({}, {"run_ahead": False}),
+    "early kv off": ({"HF_EFFICIENT_EARLY_KV": "0"}, {}),
+    "decode v1": ({"HF_EFFICIENT_PAGED_DECODE_VARIANT": "1"}, {}),
+    "decode v2": ({"HF_EFFICIENT_PAGED_DECODE_VARIANT": "2"}, {}),
+    "decode v4": ({"HF_EFFICIENT_PAGED_DECODE_VARIANT": "4"}, {}),
 }
-KNOBS = ("HF_EFFICIENT_PDL", "HF_EFFICIENT_FUSED_ROPE", "HF_EFFICIENT_PREFETCH_TILE")
+KNOBS = ("HF_EFFICIENT_PDL", "HF_EFFICIENT_FUSED_ROPE", "HF_EFFICIENT_PREFETCH_TILE", "HF_EFFICIENT_EARLY_KV",
+         "HF_EFFICIENT_PAGED_DECODE_VARIANT")
+# PROBE_LABELS="default,early kv off": run only these variants; PROBE_LIGHT=1: skip the host-phase and timeline
+# parts (tok/s and replay times only)
+LIGHT = os.environ.get("PROBE_LIGHT", "0") == "1"
 
 
 def _one(model, prompt, shape: str, label: str, out: Path) -> dict:
@@ -143,9 +152,10 @@ def _one(model, prompt, shape: str, label: str, out: Path) -> dict:
         "marginal_ms_per_token": 1e3 * per_tok, "fixed_ms_per_call": 1e3 * (t64 - 64 * per_tok),
         "tokens_head": outs[0][0].output[:8],
     }
-    row["host_phases_ms_256"] = _phases(engine, prompt, p256)
-    trace = out / f"trace_{shape}.json.gz" if shape == "smollm2" and label == "default" else None
-    row["timeline_64"] = _timeline(engine, prompt, p64, trace)
+    if not LIGHT:
+        row["host_phases_ms_256"] = _phases(engine, prompt, p256)
+        trace = out / f"trace_{shape}.json.gz" if shape == "smollm2" and label == "default" else None
+        row["timeline_64"] = _timeline(engine, prompt, p64, trace)
     print(shape, label, {k: v for k, v in row.items() if k not in ("timeline_64", "host_phases_ms_256")},
           flush=True)
     for knob in KNOBS:
@@ -157,9 +167,12 @@ def probe(shape: str, out: Path) -> dict:
     model = _model(shape)
     prompt = list(range(100, 140))
     labels = list(VARIANTS) if shape == "smollm2" else ["default", "pdl off", "prefetch tile 16k"]
+    if os.environ.get("PROBE_LABELS"):
+        labels = [x for x in os.environ["PROBE_LABELS"].split(",") if x in VARIANTS]
     res = {label: _one(model, prompt, shape, label, out) for label in labels}
     torch.cuda.empty_cache()
-    res["same_tokens_as_default"] = {k: v["tokens_head"] == res["default"]["tokens_head"] for k, v in res.items()}
+    if "default" in res:
+        res["same_tokens_as_default"] = {k: v["tokens_head"] == res["default"]["tokens_head"] for k, v in res.items()}
     return res
 
 

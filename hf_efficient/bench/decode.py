@@ -242,22 +242,25 @@ def run(out_dir, quick=False, sweep=False) -> dict:
 
 
 def _sweep(sets) -> dict:
-    """Tuning aid: our TB/s per kernel variant and forced split counts."""
-    out = {}
-    case = sets[0]
-    for variant in range(5):
-        os.environ["HF_EFFICIENT_PAGED_DECODE_VARIANT"] = str(variant)
-        try:
-            out[f"v{variant}"] = case.needed_bytes() / time_calls([c.ours() for c in sets], rep_ms=100) / 1e12
-        except Exception as exc:
-            out[f"v{variant}"] = f"{type(exc).__name__}"
-    os.environ.pop("HF_EFFICIENT_PAGED_DECODE_VARIANT", None)
+    """Tuning aid: our TB/s for every kernel variant x split count (``v2/s8``; ``s0`` = the heuristic's splits
+    for that variant), so the plan can be calibrated per device."""
     from hf_efficient.ops.paged_decode import paged_decode
 
-    for s in (1, 2, 4, 8, 16, 32, 64):
-        fns = [lambda c=c, s=s: paged_decode(c.q, c.k_pool, c.v_pool, c.seqlens, c.table, num_splits=s)
-               for c in sets]
-        out[f"splits{s}"] = case.needed_bytes() / time_calls(fns, rep_ms=100) / 1e12
+    out = {}
+    case = sets[0]
+    try:
+        for variant in range(5):
+            os.environ["HF_EFFICIENT_PAGED_DECODE_VARIANT"] = str(variant)
+            for s in (0, 1, 2, 4, 8, 16, 32):
+                fns = [lambda c=c, s=s: paged_decode(c.q, c.k_pool, c.v_pool, c.seqlens, c.table, num_splits=s,
+                                                     max_seqlen_k=c.Lmax, avg_seqlen_k=sum(c.lens) // c.B)
+                       for c in sets]
+                try:
+                    out[f"v{variant}/s{s}"] = case.needed_bytes() / time_calls(fns, rep_ms=50) / 1e12
+                except Exception as exc:
+                    out[f"v{variant}/s{s}"] = type(exc).__name__
+    finally:
+        os.environ.pop("HF_EFFICIENT_PAGED_DECODE_VARIANT", None)
     return out
 
 

@@ -12,9 +12,11 @@ causal, sees keys up to that position. A decode step is CUDA-graph capturable: n
 capacity).
 """
 
+import contextlib
 import functools
 import math
 import os
+import threading
 import warnings
 
 import torch
@@ -34,6 +36,29 @@ SPEC = JitSpec(
 )
 EXTENSION = Extension(SPEC, "hf_efficient_C")
 _warned = False
+_EARLY = threading.local()
+
+
+@contextlib.contextmanager
+def early_kv_reads():
+    """CUDA kernels launched inside (with programmatic dependent launch) read the cache lengths, block tables and
+    the K/V rows older than the ``q_len`` new tokens before waiting for the previous kernel, so their page lookups
+    and first tile copies overlap it. Only for callers whose immediately preceding kernel writes none of those:
+    the native decode step, whose q/k/v projection writes q and the new K/V rows only, and whose lengths and
+    tables are written at the start of the step. ``HF_EFFICIENT_EARLY_KV=0`` turns it off."""
+    before = getattr(_EARLY, "on", False)
+    _EARLY.on = os.environ.get("HF_EFFICIENT_EARLY_KV", "1") != "0"
+    try:
+        yield
+    finally:
+        _EARLY.on = before
+
+
+def _pdl_mode(device) -> int:
+    """0: plain launch, 1: programmatic dependent launch, 2: PDL with early K/V reads (see early_kv_reads)."""
+    if not pdl_enabled(device):
+        return 0
+    return 2 if getattr(_EARLY, "on", False) else 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,7 +313,7 @@ def _run_cuda(q, k_cache, v_cache, seqlens, block_table, batch_idx, leftpad, ali
         op = alloc_output((num_splits, B, Tq, H, D), torch.float32, q.device)
         lp = alloc_output((num_splits, B, Tq, H), torch.float32, q.device)
     args = (q, k_cache, v_cache, seqlens, block_table, batch_idx, leftpad, alibi, out, lse, op, lp, scale, softcap,
-            wl, wr, num_splits, tiles_per_split, variant, pdl_enabled(q.device))
+            wl, wr, num_splits, tiles_per_split, variant, _pdl_mode(q.device))
     if q.device.index == torch.cuda.current_device():
         ops.paged_decode(*args, torch.cuda.current_stream().cuda_stream)
     else:

@@ -431,6 +431,53 @@ def test_cuda_kernel_variants(D, variant, cuda_backend, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("D,group,q_len,variant", [(64, 3, 1, 0), (64, 3, 5, 4), (128, 4, 1, 0), (128, 4, 16, 2)])
+def test_cuda_early_kv_reads_after_a_writer(D, group, q_len, variant, cuda_backend, monkeypatch):
+    """Early mode (the engine's decode step): the kernel reads lengths, tables and the older K/V rows before the
+    previous kernel ends. Here that kernel (rotary + K/V write, programmatic dependent launch) writes q and the
+    q_len new rows right before the attention, inside a CUDA graph; before each replay the new rows are poisoned
+    (NaN) and q is redrawn, so a new row or q read too early shows up as NaN or a wrong result."""
+    from hf_efficient.ops.decode_linear import rope_store
+
+    monkeypatch.setenv("HF_EFFICIENT_PAGED_DECODE_VARIANT", str(variant))
+    Hk, bs, dtype = 2, 16, torch.bfloat16
+    H = Hk * group
+    lens = [q_len, q_len + 1, 17, 130, 300, 1100]
+    k, v, table, seqlens = make_cache(lens, Hk, D, bs, dtype, "cuda")
+    B = len(lens)
+    pos = (seqlens.long()[:, None] - q_len + torch.arange(q_len, device="cuda")).flatten()
+    rows = torch.arange(B, device="cuda").repeat_interleave(q_len)
+    slots = (table.long()[rows, pos // bs] * bs + pos % bs).contiguous()
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2, device="cuda").float() / D))
+    qkv = torch.empty(B * q_len, (H + 2 * Hk) * D, device="cuda", dtype=dtype)
+
+    def step():
+        q = rope_store(qkv, pos, inv_freq, 1.0, H, Hk, k, v, slots)
+        with pd.early_kv_reads():
+            return pd.paged_decode(q.view(B, q_len, H, D), k, v, seqlens, table, num_splits=1)
+
+    qkv.normal_()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    flat_k, flat_v = k.view(-1, Hk, D), v.view(-1, Hk, D)
+    for _ in range(5):
+        flat_k[slots] = float("nan")
+        flat_v[slots] = float("nan")
+        qkv.normal_()
+        graph.replay()
+        torch.cuda.synchronize()
+        q_ref = rope_store(qkv, pos, inv_freq, 1.0, H, Hk, k, v, slots)  # same rows again; q for the oracle
+        assert_close(out, q_ref.view(B, q_len, H, D), k, v, seqlens, table, window_right=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_cuda_split_plan_hints_never_change_results(cuda_backend):
     """max_seqlen_k below the real lengths (splits grow on device) and the avg_seqlen_k hint."""
     k, v, table, seqlens = make_cache([5, 700, 3000, 90], 2, 128, 16, torch.bfloat16, "cuda")
