@@ -211,7 +211,7 @@ __global__ void __launch_bounds__(Cfg<D, MT, V>::THREADS, Cfg<D, MT, V>::MIN_BLO
 #pragma unroll
     for (int i = 0; i < LOADS; ++i) {
       const int blk = (base + tile * N + i * C::ROWS_PER_PASS + ld_row) >> p.block_size_log2;
-      dst[i] = bt ? (blk < p.bt_cols ? __ldcg(bt + blk) : 0) : page_const;
+      dst[i] = bt ? (blk < p.bt_cols ? (early ? __ldcg(bt + blk) : __ldg(bt + blk)) : 0) : page_const;
     }
   };
   // Without a left window a paged split starts at a host-known key: look its first pages up
@@ -229,8 +229,9 @@ __global__ void __launch_bounds__(Cfg<D, MT, V>::THREADS, Cfg<D, MT, V>::MIN_BLO
   }
 
   // Visible key range of this block's rows (query i of q_len sits at position L - q_len + i).
-  const int L = __ldcg(p.seqlens + b);  // L2: in early mode this read precedes the wait
-  const int start = p.leftpad ? __ldcg(p.leftpad + b) : 0;
+  // Early mode reads through L2 (.cg): these reads precede the wait.
+  const int L = early ? __ldcg(p.seqlens + b) : p.seqlens[b];
+  const int start = p.leftpad ? (early ? __ldcg(p.leftpad + b) : p.leftpad[b]) : 0;
   const int fresh_lo = L - p.q_len;      // keys written by the previous kernel (early mode)
   const int qpos_lo = L - p.q_len + row0 / G;
   const int qpos_hi = L - p.q_len + (row0 + nrows - 1) / G;

@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="fewer sizes (smoke run)")
     bench.add_argument("--with-compile", action="store_true",
                        help="generate: also time transformers' static cache + torch.compile (~100 s of compiling)")
+    bench.add_argument("--sweep", action="store_true",
+                       help="decode: also time every kernel variant x split count (tuning table in the JSON)")
     return parser
 
 
@@ -182,6 +184,10 @@ def _cmd_bench(args) -> int:
         if args.area != "generate":
             raise SystemExit("hf-efficient bench: error: --with-compile applies to 'generate' only")
         argv.append("--with-compile")
+    if args.sweep:
+        if args.area != "decode":
+            raise SystemExit("hf-efficient bench: error: --sweep applies to 'decode' only")
+        argv.append("--sweep")
     return int(module.main(argv) or 0)
 
 

@@ -663,7 +663,7 @@ class DecodeEngine:
         then capture it; ``after`` runs after each warm-up and after the capture. Returns (graph, run's output).
 
         ``dry``: a pass over the same kernels that may run on unwritten data (no sampling, no index taken from a
-        kernel's output); with ``HF_EFFICIENT_COMPILE_AHEAD=1`` it runs first inside ``precompile.compiling_ahead``,
+        kernel's output); unless ``HF_EFFICIENT_COMPILE_AHEAD=0`` it runs first inside ``precompile.compiling_ahead``,
         so the kernels it needs compile in parallel instead of one after the other in the warm-up."""
         start = time.perf_counter()
         stream = torch.cuda.Stream(self.device)

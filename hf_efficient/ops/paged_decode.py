@@ -122,24 +122,26 @@ def plan_rows(q_len: int, group: int) -> tuple[int, int]:
     return chunks, next(m for m in (1, 2, 4, 8) if m >= tiles)
 
 
-# Wave model of the memory-bound kernel (calibrated on an H100; only ratios matter much).
-_BW = 3.0e12          # device bandwidth, bytes/s
-_BLOCK_RATE = 20e9    # what one thread block streams when it has an SM to itself, bytes/s
-_WAVE_RAMP = 1.0e-6   # first-tile latency of each wave, s
+# Wave model of the memory-bound kernel, fitted to variant x split sweeps (``bench decode --sweep``) on an H100 and an
+# H200; only ratios matter much.
+_BW = 3.0e12          # device bandwidth (bytes/s) when the device does not report its memory clock and bus width
+_BLOCK_RATE = 23e9    # what one thread block streams when it has an SM to itself, bytes/s
+_WAVE_RAMP = 2.0e-6   # first-tile latency of each wave, s
 _MERGE = 2.0e-6       # split-merge kernel, s
 MAX_SPLITS = 256
 
 
 @functools.lru_cache(maxsize=4096)
 def choose_num_splits(work_blocks: int, max_seqlen: int, tile_keys: int, num_sms: int, blocks_per_sm: int,
-                      head_dim: int = 128, avg_seqlen: int | None = None, max_splits: int = MAX_SPLITS) -> int:
+                      head_dim: int = 128, avg_seqlen: int | None = None, max_splits: int = MAX_SPLITS,
+                      bandwidth: float = _BW) -> int:
     """Number of KV splits for ``work_blocks`` = batch * kv_heads * row chunks thread blocks.
 
-    Equal lengths: minimise a wave model -- blocks stream at min(bandwidth / resident blocks,
-    one block's rate), each wave pays a ramp, splitting pays the merge. Batch 1 x 32k with 8 kv
-    heads gets ~32 splits (2 blocks on each of 132 SMs); batch 64 x 4k gets 1. Varying lengths
-    (``avg_seqlen`` well below ``max_seqlen``): ~4 waves of blocks that have work, >= 16 tiles each,
-    so long sequences do not finish alone.
+    Equal lengths: one split when the blocks already fill every slot (``num_sms * blocks_per_sm``); otherwise
+    minimise a wave model -- blocks stream at min(bandwidth / resident blocks, one block's rate), each wave pays a
+    ramp, splitting pays the merge. Batch 1 x 32k with 8 kv heads gets ~32 splits; batch 16 x 4k gets 2. Varying
+    lengths (``avg_seqlen`` well below ``max_seqlen``): ~4 waves of blocks that have work, >= 16 tiles each, so
+    long sequences do not finish alone.
     """
     n_tiles = max(1, -(-max_seqlen // tile_keys))
     slots = max(1, num_sms * max(1, blocks_per_sm))
@@ -147,6 +149,8 @@ def choose_num_splits(work_blocks: int, max_seqlen: int, tile_keys: int, num_sms
         cap = max(1, min(max_splits, n_tiles // 16))
         frac = avg_seqlen / max_seqlen
         return next((s for s in range(1, cap + 1) if work_blocks * (frac * s + 0.5) >= 4 * slots), cap)
+    if work_blocks >= slots:  # blocks start as slots free up, so a partial last wave costs less than modelled
+        return 1
     best, best_t = 1, math.inf
     for s in range(1, min(max_splits, n_tiles) + 1):
         tps = -(-n_tiles // s)
@@ -155,9 +159,9 @@ def choose_num_splits(work_blocks: int, max_seqlen: int, tile_keys: int, num_sms
         block_bytes = tps * tile_keys * 4 * head_dim
         n = work_blocks * s
         full, rest = divmod(n, slots)
-        t = full * (block_bytes / min(_BW / slots, _BLOCK_RATE) + _WAVE_RAMP)
+        t = full * (block_bytes / min(bandwidth / slots, _BLOCK_RATE) + _WAVE_RAMP)
         if rest:
-            t += block_bytes / min(_BW / rest, _BLOCK_RATE) + _WAVE_RAMP
+            t += block_bytes / min(bandwidth / rest, _BLOCK_RATE) + _WAVE_RAMP
         t += _MERGE if s > 1 else 0.0
         if t < best_t * (1 - 1e-6):
             best, best_t = s, t
@@ -168,30 +172,41 @@ def plan_launch(batch: int, nheads_k: int, q_len: int, group: int, head_dim: int
                 avg_seqlen: int | None, num_splits: int, device_index: int) -> tuple[int, int, int]:
     """(kernel variant, num_splits, tiles_per_split) of the CUDA kernel for one call.
 
-    Few thread blocks (batch * kv_heads <= SMs, equal lengths) at head_dim 128 use the 1-block-per-SM
-    variant with 128-key tiles (more bytes in flight per block) and one split per SM; otherwise the
-    default (64-key tiles, 2 blocks per SM) with :func:`choose_num_splits`.
+    One row tile at head_dim 64/128 in bf16 (the tuned variants are compiled there): variant 3 (two-stage ring,
+    three blocks per SM: more bytes in flight per SM) when the grid has more blocks than SMs, else variant 0
+    (three-stage ring: more bytes in flight per block when each block has an SM to itself). Other shapes:
+    variant 0. Splits from :func:`choose_num_splits` with the device's bandwidth. ``HF_EFFICIENT_PAGED_DECODE_
+    VARIANT`` forces a variant (tuning).
     """
     chunks, m_tiles = plan_rows(q_len, group)
     base = batch * nheads_k * chunks
     sms = _num_sms(device_index)
     forced = os.environ.get("HF_EFFICIENT_PAGED_DECODE_VARIANT")
-    uniform = avg_seqlen is None or avg_seqlen >= 0.9 * max_seqlen
     variant = 0
     if forced is not None:
         variant = int(forced)
-    elif head_dim == 128 and m_tiles == 1 and bf16 and uniform and base <= sms and num_splits <= 0:
-        if _kernel_info(device_index, head_dim, m_tiles, bf16, 2)[1] > 0:
-            variant = 2
+    elif m_tiles == 1 and bf16 and head_dim in (64, 128):
+        if _kernel_info(device_index, head_dim, m_tiles, bf16, 3)[1] > 0:
+            variant = 3
     tile_keys, per_sm = _kernel_info(device_index, head_dim, m_tiles, bf16, variant)[:2]
     n_tiles = max(1, -(-max_seqlen // tile_keys))
     if num_splits <= 0:
-        if variant == 2 and forced is None:
-            num_splits = max(1, min(n_tiles, sms // base))
-        else:
-            num_splits = choose_num_splits(base, max_seqlen, tile_keys, sms, per_sm, head_dim, avg_seqlen)
+        num_splits = choose_num_splits(base, max_seqlen, tile_keys, sms, per_sm, head_dim, avg_seqlen,
+                                       bandwidth=_bandwidth(device_index))
     num_splits = max(1, min(num_splits, MAX_SPLITS))
+    if forced is None and variant == 3 and base * num_splits <= sms:
+        variant = 0  # same tiles, deeper ring
     return variant, num_splits, -(-n_tiles // num_splits)
+
+
+@functools.cache
+def _bandwidth(index: int) -> float:
+    """~90% of the peak memory bandwidth the device reports (a device copy reaches 89-90% on H100 and H200)."""
+    props = torch.cuda.get_device_properties(index)
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    if clock_khz and bus_bits:
+        return 0.9 * 2 * clock_khz * 1e3 * bus_bits / 8
+    return _BW
 
 
 @functools.cache

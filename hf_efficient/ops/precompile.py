@@ -11,8 +11,9 @@ and collects the kernels that forward needs, which then compile concurrently. On
 passes whose garbage cannot reach an index or a data-dependent host decision may run dry (the engine uses it for
 its native decoder forward and prefill, whose indices come from inputs, not from kernel outputs).
 
-Off unless ``HF_EFFICIENT_COMPILE_AHEAD=1`` (not yet measured on a GPU); a Triton without ``AsyncCompileMode``, the
-interpreter, and any compile error make it a no-op (the real launch then compiles, or raises, as usual).
+On by default (H200, empty Triton cache: the engine's first batch-1 generate 13.7 s without, 6.4 s with, same
+tokens); ``HF_EFFICIENT_COMPILE_AHEAD=0`` turns it off. A Triton without ``AsyncCompileMode``, the interpreter, and
+any compile error make it a no-op (the real launch then compiles, or raises, as usual).
 """
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ STATS = {"passes": 0, "queued": 0, "errors": 0}
 
 
 def enabled() -> bool:
-    """``HF_EFFICIENT_COMPILE_AHEAD=1`` turns dry compile passes on (off by default until measured)."""
-    return os.environ.get("HF_EFFICIENT_COMPILE_AHEAD", "0") == "1"
+    """Dry compile passes run unless ``HF_EFFICIENT_COMPILE_AHEAD=0``."""
+    return os.environ.get("HF_EFFICIENT_COMPILE_AHEAD", "1") != "0"
 
 
 def active() -> bool:

@@ -51,3 +51,10 @@ def test_generate_smollm2_eight_tokens():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip(), "no generated text"
     assert "tokens/s" in proc.stderr
+
+
+@pytest.mark.parametrize("argv,flag", [(["bench", "attention", "--sweep"], "--sweep"),
+                                       (["bench", "decode", "--with-compile"], "--with-compile")])
+def test_bench_flag_of_another_area_is_refused(argv, flag):
+    with pytest.raises(SystemExit, match=f"{flag} applies to"):
+        main(argv)

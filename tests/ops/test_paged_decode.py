@@ -335,7 +335,9 @@ def test_split_heuristic():
     s = pd.choose_num_splits(8, 32768, 64, 132, 2)
     assert 8 * s >= 200 and 8 * s <= 264
     assert pd.choose_num_splits(64 * 8, 4096, 64, 132, 2) == 1  # already ~2 full waves
-    assert pd.choose_num_splits(16 * 8, 4096, 64, 132, 2) == 2
+    # 128 blocks: below one block per SM's rate at the H200's bandwidth -> 2 splits (sweep: 3.78 vs 2.91 TB/s)
+    assert pd.choose_num_splits(16 * 8, 4096, 64, 132, 3, bandwidth=4.4e12) == 2
+    assert pd.choose_num_splits(64 * 8, 4096, 64, 132, 3, bandwidth=4.4e12) == 1  # fills all 396 slots
     assert pd.choose_num_splits(8, 64, 64, 132, 2) == 1  # one tile: nothing to split
     # Varying lengths (mean well below max): finer splits so long sequences do not finish alone.
     assert pd.choose_num_splits(512, 8192, 64, 132, 2, 128, avg_seqlen=4160) == 4
@@ -494,9 +496,12 @@ def test_cuda_plan_launch():
     idx = torch.cuda.current_device()
     sms = pd._num_sms(idx)
     variant, splits, tps = pd.plan_launch(1, 8, 1, 4, 128, True, 32768, None, 0, idx)
-    assert variant == 2 and 8 * splits <= sms and splits * tps * 128 >= 32768
+    assert variant == 3 and sms < 8 * splits <= 3 * sms and splits * tps * 64 >= 32768
     variant, splits, _ = pd.plan_launch(64, 8, 1, 4, 128, True, 4096, None, 0, idx)
-    assert variant == 0 and splits == 1
+    assert variant == 3 and splits == 1
+    # the engine's batch-1 step (SmolLM2 shape, short context, unsplit): 3 blocks, each with an SM to itself
+    assert pd.plan_launch(1, 3, 1, 3, 64, True, 1024, None, 1, idx)[:2] == (0, 1)
+    assert pd.plan_launch(1, 8, 1, 4, 128, False, 32768, None, 0, idx)[0] == 0  # fp16: no tuned variants
 
 
 @pytest.mark.gpu

@@ -51,10 +51,12 @@ def test_run_launches_outside_and_queues_inside(ahead):
     assert k.warmed == [(("x",), (3,), {"BLOCK": 32})] and len(k.launched) == 1
 
 
-def test_off_by_default_and_not_nested(monkeypatch, ahead):
-    monkeypatch.delenv("HF_EFFICIENT_COMPILE_AHEAD")
+def test_off_with_zero_and_not_nested(monkeypatch, ahead):
+    monkeypatch.setenv("HF_EFFICIENT_COMPILE_AHEAD", "0")
     with precompile.compiling_ahead() as on:
         assert not on and not precompile.active()
+    monkeypatch.delenv("HF_EFFICIENT_COMPILE_AHEAD")
+    assert precompile.enabled()  # on by default
     monkeypatch.setenv("HF_EFFICIENT_COMPILE_AHEAD", "1")
     with precompile.compiling_ahead() as outer:
         with precompile.compiling_ahead() as inner:
