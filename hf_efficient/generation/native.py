@@ -168,7 +168,7 @@ class NativeDecoder:
 
         def attend(i, q, attn):
             # the kernel before (q/k/v projection + rotary) writes q and the new K/V rows only: the attention may
-            # look its pages up and start copying the older rows before that kernel ends
+            # look its pages up and start copying the older rows before that kernel ends (HF_EFFICIENT_EARLY_KV=1)
             with early_kv_reads():
                 o = paged_decode(q.view(b, 1, h_, d), self.cache.layers[i].k_pool, self.cache.layers[i].v_pool,
                                  seqlens, block_table, softmax_scale=attn.scaling, causal=True,

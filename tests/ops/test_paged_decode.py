@@ -442,6 +442,7 @@ def test_cuda_early_kv_reads_after_a_writer(D, group, q_len, variant, cuda_backe
     from hf_efficient.ops.decode_linear import rope_store
 
     monkeypatch.setenv("HF_EFFICIENT_PAGED_DECODE_VARIANT", str(variant))
+    monkeypatch.setenv("HF_EFFICIENT_EARLY_KV", "1")
     Hk, bs, dtype = 2, 16, torch.bfloat16
     H = Hk * group
     lens = [q_len, q_len + 1, 17, 130, 300, 1100]
