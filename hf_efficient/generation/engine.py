@@ -32,6 +32,7 @@ import torch
 from ..cache.allocator import CacheFullError
 from ..cache.paged import PagedCache, StepPlan
 from ..ops import precompile
+from . import step_kernels
 from .native import NATIVE_PREFILL_TOKENS, SHORT_CONTEXT, NativeDecoder
 from .native import auto_reason as native_auto_reason
 from .native import structure_key as native_structure_key
@@ -184,6 +185,9 @@ class DecodeEngine:
         self._history_lp_host = torch.empty(mb * (sync_every + 1), dtype=torch.float32, pin_memory=pin)
         self.hist_idx = torch.zeros(1, 1, dtype=torch.long, device=dev)
         self.active = torch.zeros(mb, dtype=torch.long, device=dev)  # 1 for slots holding a request
+        # HF_EFFICIENT_FUSED_STEP=1: the step's slot/length inputs and its greedy sampling + commit as two kernels
+        self.fused_step = step_kernels.enabled() and step_kernels.usable(dev)
+        self._commit_count = torch.zeros(1, dtype=torch.int32, device=dev)  # greedy_commit's arrival counter
         self._hist_count = 0  # decode steps recorded in `history` since the last sync (host mirror of hist_idx)
         self.sampler = BatchSampler(mb, self.vocab, dev)
 
@@ -607,11 +611,9 @@ class DecodeEngine:
 
     def _step_inputs(self, b: int) -> torch.Tensor:
         """This step's K/V write slots and lengths after it, from the positions (device ops). Returns positions."""
-        bs = self.block_size
         pos = self.positions[:b]
-        self.seqlens_after[:b].copy_(pos + 1)
-        blk = self.block_table[:b].gather(1, (pos // bs)[:, None]).squeeze(1).long()
-        self.write_slots[:b].copy_(blk * bs + pos % bs)
+        fn = step_kernels.step_inputs if self.fused_step else step_kernels.step_inputs_reference
+        fn(pos, self.block_table[:b], self.block_size, self.seqlens_after[:b], self.write_slots[:b])
         return pos
 
     def _native_logits(self, b: int, context: int) -> torch.Tensor:
@@ -632,6 +634,12 @@ class DecodeEngine:
                 use_cache=True, logits_to_keep=1,
             )
             logits = out.logits[:, -1]
+        if self.fused_step and greedy_only and skip_penalty:  # the sampler's greedy fast path and the commit
+            step_kernels.greedy_commit(
+                logits, self.sampler.steps[:b], self.sampler.seen[:b], self.tokens[:b], self.positions[:b],
+                self.active[:b], self.history[:b], self.history_lp[:b], self.hist_idx, self._commit_count,
+            )
+            return
         tok, lp = self.sampler.sample(
             logits, slots=None, greedy_only=greedy_only, skip_penalty=skip_penalty,
             candidates=candidates, logprobs="raw",

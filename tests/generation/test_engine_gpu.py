@@ -39,6 +39,26 @@ def test_graph_replay_is_bitwise_identical_to_eager(smollm2_bf16, temperature, n
         assert a.logprobs == b.logprobs
 
 
+@pytest.mark.parametrize("native", [None, False], ids=["native", "model_forward"])
+def test_fused_step_changes_no_token(smollm2_bf16, native, monkeypatch):
+    """HF_EFFICIENT_FUSED_STEP=1 (step inputs and greedy sampling + commit as two kernels): the same greedy tokens
+    as the PyTorch ops, logprobs to float32 rounding, graphs bitwise equal to eager steps, batch buckets 1-8."""
+    prompts = _prompts([40, 7, 130, 19, 64], smollm2_bf16.config.vocab_size)
+    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+    kw = dict(max_batch=8, max_tokens=8192, native=native)
+    monkeypatch.setenv("HF_EFFICIENT_FUSED_STEP", "0")
+    ref = DecodeEngine(smollm2_bf16, **kw).generate(prompts, params)
+    monkeypatch.setenv("HF_EFFICIENT_FUSED_STEP", "1")
+    engine = DecodeEngine(smollm2_bf16, **kw)
+    assert engine.fused_step
+    got = engine.generate(prompts, params)
+    eager = DecodeEngine(smollm2_bf16, cuda_graphs=False, **kw).generate(prompts, params)
+    for (a,), (b,), (c,) in zip(got, ref, eager):
+        assert a.output == b.output == c.output
+        assert a.logprobs == c.logprobs
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-4)
+
+
 def test_compile_ahead_changes_no_token(smollm2_bf16, monkeypatch):
     """The dry compile pass before each native capture (HF_EFFICIENT_COMPILE_AHEAD=1) runs on unwritten buffers:
     tokens and logprobs must equal an engine without it, including the native prefill graph (a prompt alone)."""
