@@ -155,5 +155,5 @@ def greedy_commit(logits, steps, seen, tokens, positions, active, history, histo
     _greedy_commit_kernel[(b,)](
         logits, logits.stride(0), v, steps, steps.stride(0), seen.view(torch.uint8), seen.stride(0), tokens,
         positions, active, history, history_lp, history.stride(0), hist_idx, counter, b,
-        BLOCK=min(4096, triton.next_power_of_2(v)), num_warps=8,
+        BLOCK=min(16384, triton.next_power_of_2(v)), num_warps=16 if v > 4096 else 4,
     )
