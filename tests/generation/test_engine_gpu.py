@@ -146,6 +146,25 @@ def test_tiny_families_on_gpu_graphs(family):
 
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_long_prompts_prefilled_in_chunks_on_gpu(family):
+    """Prompts longer than prefill_tokens, prefilled chunk by chunk in bf16 (Mistral's sliding window spans chunk
+    boundaries): chosen-token logprobs within the bf16 noise of the model's own forward (float32 reference,
+    teacher-forced); prints the token agreement with an engine that prefills each prompt at once (bf16 rounding
+    differs between the two, so near-ties may flip)."""
+    over = {"sliding_window": 48} if family == "mistral" else {}
+    model = tiny_model(family, dtype=torch.bfloat16, attn_implementation="hf_efficient", seed=4, **over).cuda()
+    prompts = _prompts([300, 9, 130], model.config.vocab_size, seed=4)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    engine = DecodeEngine(model, max_batch=4, max_tokens=2048, block_size=16, prefill_tokens=64)
+    chunked = engine.generate(prompts, params)
+    assert engine.stats.prefill_tokens == 300 + 9 + 130
+    print(family, "chunked prefill", assert_within_noise(model, prompts, [g[0] for g in chunked]))
+    whole = DecodeEngine(model, max_batch=4, max_tokens=2048, block_size=16).generate(prompts, params)
+    agree = [sum(a == b for a, b in zip(g[0].output, h[0].output)) / 16 for g, h in zip(chunked, whole)]
+    print(family, "token agreement chunked vs whole", agree)
+
+
 def test_paged_cache_decode_matches_dynamic_cache_bf16(smollm2_bf16, smollm2_tokenizer):
     """Greedy generate with PagedCache vs DynamicCache (both "hf_efficient", bf16): per-step logits of the PagedCache
     run, teacher-forced on the DynamicCache run's tokens, within 2x the sdpa-vs-eager noise floor."""
