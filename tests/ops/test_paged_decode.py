@@ -420,7 +420,7 @@ def test_cuda_kernel_features(feature, cuda_backend):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("variant", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("variant", [0, 1, 2, 3, 4, 5])
 def test_cuda_kernel_variants(D, variant, cuda_backend, monkeypatch):
     """Tile/stage variants (the launcher picks variant 2 for few blocks at head_dim 128)."""
     monkeypatch.setenv("HF_EFFICIENT_PAGED_DECODE_VARIANT", str(variant))
