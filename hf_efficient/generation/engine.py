@@ -597,7 +597,7 @@ class DecodeEngine:
         of four from 256): the attention kernel's KV-split plan depends on it. Native steps run unsplit up to
         ``SHORT_CONTEXT`` keys, so for them the classes below it are one."""
         longest = max(r.stored for r in self._active)
-        if self._native is not None and b <= self.native_max_batch:
+        if self._native_step(b):
             longest = max(longest, SHORT_CONTEXT)
         return next((c for c in _CONTEXT_CLASSES if c >= longest), self.max_blocks * self.block_size)
 
@@ -608,6 +608,10 @@ class DecodeEngine:
         self.cache.seq_blocks = [r.blocks for r in self._active] + [[self.scratch]] * (b - len(self._active))
         self.cache.seq_lens = [r.stored for r in self._active] + [1] * (b - len(self._active))
         self._body(key, plan)
+
+    def _native_step(self, b: int) -> bool:
+        """Batch bucket ``b`` decodes through the native kernels (else the model's forward)."""
+        return self._native is not None and b <= self.native_max_batch
 
     def _step_inputs(self, b: int) -> torch.Tensor:
         """This step's K/V write slots and lengths after it, from the positions (device ops). Returns positions."""
@@ -624,7 +628,7 @@ class DecodeEngine:
 
     def _body(self, key, plan: StepPlan) -> None:
         b, greedy_only, skip_penalty, candidates, context = key
-        if self._native is not None and b <= self.native_max_batch:
+        if self._native_step(b):
             logits = self._native_logits(b, context)
         else:
             pos = self._step_inputs(b)
@@ -644,11 +648,8 @@ class DecodeEngine:
             logits, slots=None, greedy_only=greedy_only, skip_penalty=skip_penalty,
             candidates=candidates, logprobs="raw",
         )
-        self.tokens[:b].copy_(tok)
-        self.positions[:b] += self.active[:b]
-        self.history[:b].scatter_(1, self.hist_idx.expand(b, 1), tok[:, None])
-        self.history_lp[:b].scatter_(1, self.hist_idx.expand(b, 1), lp[:, None].float())
-        self.hist_idx += 1
+        step_kernels.commit_reference(tok, lp, self.tokens[:b], self.positions[:b], self.active[:b], self.history[:b],
+                                      self.history_lp[:b], self.hist_idx)
 
     def _capture(self, key) -> torch.cuda.CUDAGraph:
         if key[0] == "prefill":
@@ -660,10 +661,9 @@ class DecodeEngine:
         b = key[0]
         plan = self._plans.setdefault((b, key[-1]), self._static_plan(b, key[-1]))
         saved = self._save_state(b)
-        native = self._native is not None and b <= self.native_max_batch
         graph, _ = self._record(key, lambda: self._body(key, plan), warmups=2,
                                 after=lambda: self._restore_state(b, saved),
-                                dry=(lambda: self._native_logits(b, key[-1])) if native else None)
+                                dry=(lambda: self._native_logits(b, key[-1])) if self._native_step(b) else None)
         return graph
 
     def _record(self, key, run, warmups: int, after=None, dry=None):

@@ -25,6 +25,7 @@ import torch
 
 from ..ops import precompile
 from ..ops.rmsnorm import interpreting
+from .sampling import BatchSampler
 
 try:
     import triton
@@ -32,7 +33,8 @@ try:
 except ImportError:  # pragma: no cover - Linux installs carry triton
     triton = None
 
-__all__ = ["enabled", "usable", "step_inputs", "step_inputs_reference", "greedy_commit", "greedy_commit_reference"]
+__all__ = ["enabled", "usable", "step_inputs", "step_inputs_reference", "greedy_commit", "greedy_commit_reference",
+           "commit_reference"]
 
 
 def enabled() -> bool:
@@ -56,19 +58,23 @@ def step_inputs_reference(positions, block_table, block_size: int, seqlens_out, 
     slots_out.copy_(blk * block_size + positions % block_size)
 
 
-def greedy_commit_reference(logits, steps, seen, tokens, positions, active, history, history_lp, hist_idx) -> None:
-    x = logits.to(torch.float32)
-    tok = x.argmax(dim=-1)
-    lp = (x.gather(1, tok[:, None]) - torch.logsumexp(x, dim=-1, keepdim=True)).squeeze(1)
-    steps += 1
-    rows = torch.arange(tok.shape[0], device=tok.device)
-    seen.index_put_((rows, tok), torch.ones_like(tok, dtype=torch.bool))
+def commit_reference(tok, lp, tokens, positions, active, history, history_lp, hist_idx) -> None:
+    """The step's commit: next input token, position, history column (the engine's path for every sampler mode)."""
+    b = tok.shape[0]
     tokens.copy_(tok)
     positions += active
-    b = tok.shape[0]
     history.scatter_(1, hist_idx.expand(b, 1), tok[:, None])
     history_lp.scatter_(1, hist_idx.expand(b, 1), lp[:, None].float())
     hist_idx += 1
+
+
+def greedy_commit_reference(logits, steps, seen, tokens, positions, active, history, history_lp, hist_idx) -> None:
+    """The sampler's greedy fast path (argmax, step counter, seen set; raw logprob) then :func:`commit_reference`."""
+    tok = logits.to(torch.float32).argmax(dim=-1)
+    steps += 1
+    seen.index_put_((torch.arange(tok.shape[0], device=tok.device), tok), torch.ones_like(tok, dtype=torch.bool))
+    lp = BatchSampler.raw_logprobs(logits, tok)
+    commit_reference(tok, lp, tokens, positions, active, history, history_lp, hist_idx)
 
 
 # ----------------------------------------------------------------------------------------------

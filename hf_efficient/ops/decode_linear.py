@@ -596,7 +596,8 @@ def rope_store(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tenso
     if m == 0:
         return q
     precompile.run(
-        _rope_store_kernel, (m, nheads + nheads_k), qkv, positions, inv_freq, q, k_pool, v_pool, slots, qkv.stride(0), float(scaling), nheads, nheads_k,
+        _rope_store_kernel, (m, nheads + nheads_k),
+        qkv, positions, inv_freq, q, k_pool, v_pool, slots, qkv.stride(0), float(scaling), nheads, nheads_k,
         D=d, HALF=d // 2, BLOCK_HALF=triton.next_power_of_2(d // 2), **_pdl_kw(pdl_enabled(qkv.device)), num_warps=1,
     )
     return q
