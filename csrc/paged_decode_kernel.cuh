@@ -112,14 +112,21 @@ template <int D, int MT, int V>
 struct Cfg {
   static constexpr int NUM_WARPS = MT >= 8 ? 8 : 4;
   static constexpr int THREADS = NUM_WARPS * 32;
-  static constexpr int MIN_BLOCKS = 1;  // register cap 255: the hot loop must not spill
+  // Resident blocks per SM the register allocation must allow (the hot loop must not spill): 1 = cap 255,
+  // 3 = cap 168, 4 = cap 128 (128 threads). Unbounded, variant 3 takes ~190 registers: two blocks per SM.
+  // Head dim 128 spills under these caps (its accumulators and Q fragments need ~190), so only 64 is capped.
+  static constexpr int MIN_BLOCKS = D > 64 ? 1 : (V == 6 || V == 8) ? 3 : V == 7 ? 4 : 1;
   static constexpr int K_WARPS = NUM_WARPS / MT;  // warps that share one row tile, splitting keys
   static constexpr int N0 = (16 * K_WARPS > 8192 / D) ? 16 * K_WARPS : 8192 / D;
   // Variants (used for MT == 1 tuning): 0 = N0 x 3 stages, 1 = N0 x 4, 2 = 2*N0 x 2,
   // 3 = N0 x 2, 4 = 2*N0 x 3, 5 = N0 x 2 with 256-byte L2 prefetches (a paged token row of several
-  // kv heads is wider than the 128-byte row one block reads: the neighbours' rows come along).
-  static constexpr int N = (V == 2 || V == 4) ? 2 * N0 : N0;  // keys per K/V tile
-  static constexpr int STAGES = V == 1 ? 4 : (V == 2 || V == 3 || V == 5) ? 2 : 3;
+  // kv heads is wider than the 128-byte row one block reads: the neighbours' rows come along),
+  // 6 = N0/2 x 4 and 7 = N0/2 x 3 (more, smaller tiles in flight per block for the same or less shared
+  // memory; the half tile is floored at 16 keys per warp, so at head dim 128 they are variants 1 and 0 with
+  // other register caps), 8 = variant 3 capped at three blocks' registers. See MIN_BLOCKS.
+  static constexpr int N_HALF = (16 * K_WARPS > N0 / 2) ? 16 * K_WARPS : N0 / 2;
+  static constexpr int N = (V == 2 || V == 4) ? 2 * N0 : (V == 6 || V == 7) ? N_HALF : N0;  // keys per K/V tile
+  static constexpr int STAGES = (V == 1 || V == 6) ? 4 : (V == 2 || V == 3 || V == 5 || V == 8) ? 2 : 3;
   static constexpr int L2_PREFETCH = V == 5 ? 256 : 128;
   static constexpr int KPW = N / K_WARPS;  // keys per warp per tile
   static constexpr int NT = KPW / 8;       // 8-key MMA n-tiles of S per warp
@@ -690,7 +697,7 @@ const char* info_config(int device, int info[4]) {
   return nullptr;
 }
 
-// Variants 1..5 are compiled for the hot path only (bf16, one row tile, head dim 64/128).
+// Variants 1..8 are compiled for the hot path only (bf16, one row tile, head dim 64/128).
 template <typename T, int D>
 constexpr bool kHasVariants = (D == 64 || D == 128) && std::is_same<T, __nv_bfloat16>::value;
 
@@ -703,6 +710,9 @@ const char* launch_mt(const PagedDecodeParams& p, cudaStream_t stream) {
       case 3: return launch_config<T, D, 1, 3>(p, stream);
       case 4: return launch_config<T, D, 1, 4>(p, stream);
       case 5: return launch_config<T, D, 1, 5>(p, stream);
+      case 6: return launch_config<T, D, 1, 6>(p, stream);
+      case 7: return launch_config<T, D, 1, 7>(p, stream);
+      case 8: return launch_config<T, D, 1, 8>(p, stream);
       default: break;
     }
   }
@@ -718,6 +728,9 @@ const char* info_mt(int variant, int device, int info[4]) {
       case 3: return info_config<T, D, 1, 3>(device, info);
       case 4: return info_config<T, D, 1, 4>(device, info);
       case 5: return info_config<T, D, 1, 5>(device, info);
+      case 6: return info_config<T, D, 1, 6>(device, info);
+      case 7: return info_config<T, D, 1, 7>(device, info);
+      case 8: return info_config<T, D, 1, 8>(device, info);
       default: break;
     }
   }

@@ -2,7 +2,7 @@
 
 For the SmolLM2 shape and the 1B Llama shape at batch 1 it times engine variants (``VARIANTS``: programmatic
 dependent launch off, rotary as its own kernel, larger prefetch tiles, no run-ahead, early K/V reads on, forced
-attention-kernel variants, fused step bookkeeping): tokens/s of one 256-token greedy call, back-to-back replays of the captured step, and the
+attention-kernel variants, fused step bookkeeping off): tokens/s of one 256-token greedy call, back-to-back replays of the captured step, and the
 GPU timeline of one call from the profiler: busy time, the idle gaps between kernels, and the host functions
 running during the largest gaps. Writes ``probe.json`` (and a gzipped trace of one call) into the given folder.
 
@@ -123,7 +123,7 @@ VARIANTS = {  # label: (environment, engine keywords)
     "prefetch tile 16k": ({"HF_EFFICIENT_PREFETCH_TILE": "16384"}, {}),
     "no run-ahead": ({}, {"run_ahead": False}),
     "early kv on": ({"HF_EFFICIENT_EARLY_KV": "1"}, {}),
-    "fused step": ({"HF_EFFICIENT_FUSED_STEP": "1"}, {}),
+    "fused step off": ({"HF_EFFICIENT_FUSED_STEP": "0"}, {}),
     "decode v1": ({"HF_EFFICIENT_PAGED_DECODE_VARIANT": "1"}, {}),
     "decode v2": ({"HF_EFFICIENT_PAGED_DECODE_VARIANT": "2"}, {}),
     "decode v4": ({"HF_EFFICIENT_PAGED_DECODE_VARIANT": "4"}, {}),

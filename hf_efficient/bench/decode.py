@@ -252,7 +252,7 @@ def _sweep(sets) -> dict:
     out = {}
     case = sets[0]
     try:
-        for variant in range(6):
+        for variant in range(9):
             os.environ["HF_EFFICIENT_PAGED_DECODE_VARIANT"] = str(variant)
             for s in (0, 1, 2, 4, 8, 16, 32):
                 fns = [lambda c=c, s=s: paged_decode(c.q, c.k_pool, c.v_pool, c.seqlens, c.table, num_splits=s,
@@ -262,35 +262,9 @@ def _sweep(sets) -> dict:
                     out[f"v{variant}/s{s}"] = case.needed_bytes() / time_calls(fns, rep_ms=50) / 1e12
                 except Exception as exc:
                     out[f"v{variant}/s{s}"] = type(exc).__name__
-        # The same pages stored head-major (block, kv head, token, d) and passed as a strided view: every block
-        # then reads one contiguous run per page instead of a head's slice of each token row. Diagnostic only
-        # (the cache stores token-major pages); its output is checked against the token-major call first.
-        hm = [(c, _head_major(c.k_pool), _head_major(c.v_pool)) for c in sets]
-        c, kh, vh = hm[0]
-        ref = paged_decode(c.q, c.k_pool, c.v_pool, c.seqlens, c.table, max_seqlen_k=c.Lmax)
-        got = paged_decode(c.q, kh, vh, c.seqlens, c.table, max_seqlen_k=c.Lmax)
-        out["head_major_max_diff"] = (ref.float() - got.float()).abs().max().item()
-        for variant in (0, 3, 5):
-            os.environ["HF_EFFICIENT_PAGED_DECODE_VARIANT"] = str(variant)
-            for s in (0, 1, 2, 4, 8):
-                fns = [lambda c=c, kh=kh, vh=vh, s=s: paged_decode(c.q, kh, vh, c.seqlens, c.table, num_splits=s,
-                                                                  max_seqlen_k=c.Lmax, avg_seqlen_k=sum(c.lens) // c.B)
-                       for c, kh, vh in hm]
-                try:
-                    out[f"hm/v{variant}/s{s}"] = case.needed_bytes() / time_calls(fns, rep_ms=50) / 1e12
-                except Exception as exc:
-                    out[f"hm/v{variant}/s{s}"] = type(exc).__name__
     finally:
         os.environ.pop("HF_EFFICIENT_PAGED_DECODE_VARIANT", None)
     return out
-
-
-def _head_major(pool):
-    """A (blocks, block_size, kv_heads, d) pool's values stored (blocks, kv_heads, block_size, d), viewed back."""
-    store = pool.new_empty(pool.shape[0], pool.shape[2], pool.shape[1], pool.shape[3])
-    view = store.transpose(1, 2)
-    view.copy_(pool)
-    return view
 
 
 def to_markdown(result) -> str:

@@ -185,7 +185,7 @@ class DecodeEngine:
         self._history_lp_host = torch.empty(mb * (sync_every + 1), dtype=torch.float32, pin_memory=pin)
         self.hist_idx = torch.zeros(1, 1, dtype=torch.long, device=dev)
         self.active = torch.zeros(mb, dtype=torch.long, device=dev)  # 1 for slots holding a request
-        # HF_EFFICIENT_FUSED_STEP=1: the step's slot/length inputs and its greedy sampling + commit as two kernels
+        # the step's slot/length inputs and its greedy sampling + commit as two kernels (HF_EFFICIENT_FUSED_STEP=0: off)
         self.fused_step = step_kernels.enabled() and step_kernels.usable(dev)
         self._commit_count = torch.zeros(1, dtype=torch.int32, device=dev)  # greedy_commit's arrival counter
         self._hist_count = 0  # decode steps recorded in `history` since the last sync (host mirror of hist_idx)

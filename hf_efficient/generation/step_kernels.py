@@ -1,4 +1,4 @@
-"""Fused bookkeeping of the engine's decode step (experimental: ``HF_EFFICIENT_FUSED_STEP=1``).
+"""Fused bookkeeping of the engine's decode step (on by default; ``HF_EFFICIENT_FUSED_STEP=0`` turns it off).
 
 Around the model's forward a decode step runs ~25 tiny PyTorch kernels: the K/V write slots and lengths from the
 positions (~9), the greedy token and its log-probability (~10), the sampler's step counter and seen set (2), and
@@ -38,8 +38,9 @@ __all__ = ["enabled", "usable", "step_inputs", "step_inputs_reference", "greedy_
 
 
 def enabled() -> bool:
-    """``HF_EFFICIENT_FUSED_STEP=1`` turns the fused step kernels on (off by default until measured on a GPU)."""
-    return os.environ.get("HF_EFFICIENT_FUSED_STEP", "0") == "1"
+    """The fused step kernels run unless ``HF_EFFICIENT_FUSED_STEP=0`` (H200, SmolLM2 batch 1: the captured step
+    0.918 -> 0.852 ms)."""
+    return os.environ.get("HF_EFFICIENT_FUSED_STEP", "1") != "0"
 
 
 def usable(device: torch.device) -> bool:

@@ -41,8 +41,8 @@ def test_graph_replay_is_bitwise_identical_to_eager(smollm2_bf16, temperature, n
 
 @pytest.mark.parametrize("native", [None, False], ids=["native", "model_forward"])
 def test_fused_step_changes_no_token(smollm2_bf16, native, monkeypatch):
-    """HF_EFFICIENT_FUSED_STEP=1 (step inputs and greedy sampling + commit as two kernels): the same greedy tokens
-    as the PyTorch ops, logprobs to float32 rounding, graphs bitwise equal to eager steps, batch buckets 1-8."""
+    """Fused step (the default: step inputs and greedy sampling + commit as two kernels) vs the PyTorch ops: the same
+    greedy tokens, logprobs to float32 rounding, graphs bitwise equal to eager steps, batch buckets 1-8."""
     prompts = _prompts([40, 7, 130, 19, 64], smollm2_bf16.config.vocab_size)
     params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
     kw = dict(max_batch=8, max_tokens=8192, native=native)

@@ -420,9 +420,9 @@ def test_cuda_kernel_features(feature, cuda_backend):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("variant", [0, 1, 2, 3, 4, 5])
+@pytest.mark.parametrize("variant", [0, 1, 2, 3, 4, 5, 6, 7, 8])
 def test_cuda_kernel_variants(D, variant, cuda_backend, monkeypatch):
-    """Tile/stage variants (the launcher picks variant 2 for few blocks at head_dim 128)."""
+    """Every tile/stage variant the launcher or a sweep can pick."""
     monkeypatch.setenv("HF_EFFICIENT_PAGED_DECODE_VARIANT", str(variant))
     k, v, table, seqlens = make_cache([1, 63, 64, 65, 300, 1500], 2, D, 16, torch.bfloat16, "cuda")
     q = torch.randn(6, 1, 8, D, device="cuda").to(torch.bfloat16)
