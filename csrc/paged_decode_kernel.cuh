@@ -32,16 +32,9 @@ __device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
 }
 
-// .cg: L2 only (K/V are streamed once); src_bytes == 0 zero-fills without reading. PF: L2 prefetch size hint.
-template <int PF = 128>
+// .cg: L2 only (K/V are streamed once); src_bytes == 0 zero-fills without reading.
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
-  if constexpr (PF == 256) {
-    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-                 "r"(src_bytes));
-  } else {
-    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-                 "r"(src_bytes));
-  }
+  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
@@ -112,22 +105,15 @@ template <int D, int MT, int V>
 struct Cfg {
   static constexpr int NUM_WARPS = MT >= 8 ? 8 : 4;
   static constexpr int THREADS = NUM_WARPS * 32;
-  // Resident blocks per SM the register allocation must allow (the hot loop must not spill): 1 = cap 255,
-  // 3 = cap 168, 4 = cap 128 (128 threads). Unbounded, variant 3 takes ~190 registers: two blocks per SM.
-  // Head dim 128 spills under these caps (its accumulators and Q fragments need ~190), so only 64 is capped.
-  static constexpr int MIN_BLOCKS = D > 64 ? 1 : (V == 6 || V == 8) ? 3 : V == 7 ? 4 : 1;
   static constexpr int K_WARPS = NUM_WARPS / MT;  // warps that share one row tile, splitting keys
   static constexpr int N0 = (16 * K_WARPS > 8192 / D) ? 16 * K_WARPS : 8192 / D;
-  // Variants (used for MT == 1 tuning): 0 = N0 x 3 stages, 1 = N0 x 4, 2 = 2*N0 x 2,
-  // 3 = N0 x 2, 4 = 2*N0 x 3, 5 = N0 x 2 with 256-byte L2 prefetches (a paged token row of several
-  // kv heads is wider than the 128-byte row one block reads: the neighbours' rows come along),
-  // 6 = N0/2 x 4 and 7 = N0/2 x 3 (more, smaller tiles in flight per block for the same or less shared
-  // memory; the half tile is floored at 16 keys per warp, so at head dim 128 they are variants 1 and 0 with
-  // other register caps), 8 = variant 3 capped at three blocks' registers. See MIN_BLOCKS.
-  static constexpr int N_HALF = (16 * K_WARPS > N0 / 2) ? 16 * K_WARPS : N0 / 2;
-  static constexpr int N = (V == 2 || V == 4) ? 2 * N0 : (V == 6 || V == 7) ? N_HALF : N0;  // keys per K/V tile
-  static constexpr int STAGES = (V == 1 || V == 6) ? 4 : (V == 2 || V == 3 || V == 5 || V == 8) ? 2 : 3;
-  static constexpr int L2_PREFETCH = V == 5 ? 256 : 128;
+  // Variants (used for MT == 1 tuning): 0 = N0 x 3 stages, 1 = N0 x 4, 2 = 2*N0 x 2, 3 = N0 x 2, 4 = 2*N0 x 3.
+  static constexpr int N = (V == 2 || V == 4) ? 2 * N0 : N0;  // keys per K/V tile
+  static constexpr int STAGES = V == 1 ? 4 : (V == 2 || V == 3) ? 2 : 3;
+  // Resident blocks per SM the register allocation must allow (the hot loop must not spill): 1 = cap 255.
+  // Variant 3 at head dim 64 is capped at 168 registers (three blocks per SM; unbounded it takes ~190, two
+  // blocks): +25% at 64 x 4096 (H200 sweep). Head dim 128 spills under that cap and keeps two blocks per SM.
+  static constexpr int MIN_BLOCKS = (V == 3 && D <= 64) ? 3 : 1;
   static constexpr int KPW = N / K_WARPS;  // keys per warp per tile
   static constexpr int NT = KPW / 8;       // 8-key MMA n-tiles of S per warp
   static constexpr int CPR = D / 8;        // 16-byte chunks per K/V row
@@ -292,8 +278,8 @@ __global__ void __launch_bounds__(Cfg<D, MT, V>::THREADS, Cfg<D, MT, V>::MIN_BLO
       const int64_t ko = (int64_t)pgs[i] * p.k_stride_page + (int64_t)off * p.k_stride_tok + ld_chunk * 8;
       const int64_t vo = (int64_t)pgs[i] * p.v_stride_page + (int64_t)off * p.v_stride_tok + ld_chunk * 8;
       const int so = slot * TILE + swz<D>(r, ld_chunk);
-      cp_async_16<C::L2_PREFETCH>(smem_u32(sK + so), ok ? kbase + ko : kbase, ok ? 16 : 0);
-      cp_async_16<C::L2_PREFETCH>(smem_u32(sV + so), ok ? vbase + vo : vbase, ok ? 16 : 0);
+      cp_async_16(smem_u32(sK + so), ok ? kbase + ko : kbase, ok ? 16 : 0);
+      cp_async_16(smem_u32(sV + so), ok ? vbase + vo : vbase, ok ? 16 : 0);
     }
     return issued;
   };
@@ -697,7 +683,7 @@ const char* info_config(int device, int info[4]) {
   return nullptr;
 }
 
-// Variants 1..8 are compiled for the hot path only (bf16, one row tile, head dim 64/128).
+// Variants 1..4 are compiled for the hot path only (bf16, one row tile, head dim 64/128).
 template <typename T, int D>
 constexpr bool kHasVariants = (D == 64 || D == 128) && std::is_same<T, __nv_bfloat16>::value;
 
@@ -709,10 +695,6 @@ const char* launch_mt(const PagedDecodeParams& p, cudaStream_t stream) {
       case 2: return launch_config<T, D, 1, 2>(p, stream);
       case 3: return launch_config<T, D, 1, 3>(p, stream);
       case 4: return launch_config<T, D, 1, 4>(p, stream);
-      case 5: return launch_config<T, D, 1, 5>(p, stream);
-      case 6: return launch_config<T, D, 1, 6>(p, stream);
-      case 7: return launch_config<T, D, 1, 7>(p, stream);
-      case 8: return launch_config<T, D, 1, 8>(p, stream);
       default: break;
     }
   }
@@ -727,10 +709,6 @@ const char* info_mt(int variant, int device, int info[4]) {
       case 2: return info_config<T, D, 1, 2>(device, info);
       case 3: return info_config<T, D, 1, 3>(device, info);
       case 4: return info_config<T, D, 1, 4>(device, info);
-      case 5: return info_config<T, D, 1, 5>(device, info);
-      case 6: return info_config<T, D, 1, 6>(device, info);
-      case 7: return info_config<T, D, 1, 7>(device, info);
-      case 8: return info_config<T, D, 1, 8>(device, info);
       default: break;
     }
   }

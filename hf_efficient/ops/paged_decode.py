@@ -127,7 +127,10 @@ def plan_rows(q_len: int, group: int) -> tuple[int, int]:
 # Wave model of the memory-bound kernel, fitted to variant x split sweeps (``bench decode --sweep``) on an H100 and an
 # H200; only ratios matter much.
 _BW = 3.0e12          # device bandwidth (bytes/s) when the device does not report its memory clock and bus width
-_BLOCK_RATE = 23e9    # what one thread block streams when it has an SM to itself, bytes/s
+# What one thread block streams when it has an SM to itself, bytes/s, by head dim (H200 sweeps: 128 -> ~23 GB/s,
+# 64 -> ~14.5 GB/s: the same 32 KB tiles hold twice the keys, so each tile's softmax and page lookups take longer).
+_BLOCK_RATE = {64: 14.5e9}
+_BLOCK_RATE_DEFAULT = 23e9
 _WAVE_RAMP = 2.0e-6   # first-tile latency of each wave, s
 _MERGE = 2.0e-6       # split-merge kernel, s
 MAX_SPLITS = 256
@@ -153,6 +156,7 @@ def choose_num_splits(work_blocks: int, max_seqlen: int, tile_keys: int, num_sms
         return next((s for s in range(1, cap + 1) if work_blocks * (frac * s + 0.5) >= 4 * slots), cap)
     if work_blocks >= slots:  # blocks start as slots free up, so a partial last wave costs less than modelled
         return 1
+    rate = _BLOCK_RATE.get(head_dim, _BLOCK_RATE_DEFAULT)
     best, best_t = 1, math.inf
     for s in range(1, min(max_splits, n_tiles) + 1):
         tps = -(-n_tiles // s)
@@ -161,9 +165,9 @@ def choose_num_splits(work_blocks: int, max_seqlen: int, tile_keys: int, num_sms
         block_bytes = tps * tile_keys * 4 * head_dim
         n = work_blocks * s
         full, rest = divmod(n, slots)
-        t = full * (block_bytes / min(bandwidth / slots, _BLOCK_RATE) + _WAVE_RAMP)
+        t = full * (block_bytes / min(bandwidth / slots, rate) + _WAVE_RAMP)
         if rest:
-            t += block_bytes / min(bandwidth / rest, _BLOCK_RATE) + _WAVE_RAMP
+            t += block_bytes / min(bandwidth / rest, rate) + _WAVE_RAMP
         t += _MERGE if s > 1 else 0.0
         if t < best_t * (1 - 1e-6):
             best, best_t = s, t
@@ -174,9 +178,10 @@ def plan_launch(batch: int, nheads_k: int, q_len: int, group: int, head_dim: int
                 avg_seqlen: int | None, num_splits: int, device_index: int) -> tuple[int, int, int]:
     """(kernel variant, num_splits, tiles_per_split) of the CUDA kernel for one call.
 
-    One row tile at head_dim 64/128 in bf16 (the tuned variants are compiled there): variant 3 (two-stage ring,
-    three blocks per SM: more bytes in flight per SM) when the grid has more blocks than SMs, else variant 0
-    (three-stage ring: more bytes in flight per block when each block has an SM to itself). Other shapes:
+    One row tile at head_dim 64/128 in bf16 (the tuned variants are compiled there): variant 3 (two-stage ring:
+    more resident blocks per SM -- three at head_dim 64, where its registers are capped, two at 128 -- so more
+    bytes in flight per SM) when the grid has more blocks than SMs, else variant 0 (three-stage ring: more bytes in
+    flight per block when each block has an SM to itself). Other shapes:
     variant 0. Splits from :func:`choose_num_splits` with the device's bandwidth. ``HF_EFFICIENT_PAGED_DECODE_
     VARIANT`` forces a variant (tuning).
     """

@@ -339,6 +339,11 @@ def test_split_heuristic():
     assert pd.choose_num_splits(16 * 8, 4096, 64, 132, 3, bandwidth=4.4e12) == 2
     assert pd.choose_num_splits(64 * 8, 4096, 64, 132, 3, bandwidth=4.4e12) == 1  # fills all 396 slots
     assert pd.choose_num_splits(8, 64, 64, 132, 2) == 1  # one tile: nothing to split
+    # Head dim 64 (SmolLM2's 3 kv heads, 128-key tiles, 3 blocks per SM): a block alone streams less, so splits
+    # pay off sooner (H200 sweep: 64 x 4k 3.63 TB/s at 2 splits vs 2.79 at 1; 16 x 4k 2.37 at 8 vs 2.03 at 4).
+    assert pd.choose_num_splits(64 * 3, 4096, 128, 132, 3, 64, bandwidth=4.33e12) == 2
+    assert pd.choose_num_splits(16 * 3, 4096, 128, 132, 3, 64, bandwidth=4.33e12) == 8
+    assert pd.choose_num_splits(256 * 3, 1024, 128, 132, 3, 64, bandwidth=4.33e12) == 1
     # Varying lengths (mean well below max): finer splits so long sequences do not finish alone.
     assert pd.choose_num_splits(512, 8192, 64, 132, 2, 128, avg_seqlen=4160) == 4
     assert pd.plan_rows(1, 4) == (1, 1) and pd.plan_rows(16, 8) == (1, 8) and pd.plan_rows(16, 32) == (4, 8)
@@ -420,7 +425,7 @@ def test_cuda_kernel_features(feature, cuda_backend):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("variant", [0, 1, 2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("variant", [0, 1, 2, 3, 4])
 def test_cuda_kernel_variants(D, variant, cuda_backend, monkeypatch):
     """Every tile/stage variant the launcher or a sweep can pick."""
     monkeypatch.setenv("HF_EFFICIENT_PAGED_DECODE_VARIANT", str(variant))
@@ -500,6 +505,9 @@ def test_cuda_plan_launch():
     assert variant == 3 and sms < 8 * splits <= 3 * sms and splits * tps * 64 >= 32768
     variant, splits, _ = pd.plan_launch(64, 8, 1, 4, 128, True, 4096, None, 0, idx)
     assert variant == 3 and splits == 1
+    # head dim 64: variant 3's register cap gives three resident blocks per SM (two at 128)
+    assert pd._kernel_info(idx, 64, 1, True, 3)[1] == 3 and pd._kernel_info(idx, 128, 1, True, 3)[1] == 2
+    assert pd.plan_launch(64, 3, 1, 3, 64, True, 4096, None, 0, idx)[:2] == (3, 2)
     # the engine's batch-1 step (SmolLM2 shape, short context, unsplit): 3 blocks, each with an SM to itself
     assert pd.plan_launch(1, 3, 1, 3, 64, True, 1024, None, 1, idx)[:2] == (0, 1)
     assert pd.plan_launch(1, 8, 1, 4, 128, False, 32768, None, 0, idx)[0] == 0  # fp16: no tuned variants
