@@ -126,7 +126,7 @@ void paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   p.tiles_per_split = static_cast<int>(tiles_per_split);
   p.bt_cols = block_table.has_value() ? static_cast<int>(block_table->size(1)) : 0;
   p.variant = static_cast<int>(variant);
-  TORCH_CHECK(pdl >= 0 && pdl <= 2, "paged_decode: pdl must be 0, 1 or 2, got ", pdl);
+  TORCH_CHECK(pdl == 0 || pdl == 1, "paged_decode: pdl must be 0 or 1, got ", pdl);
   p.pdl = static_cast<int>(pdl);
   p.is_bf16 = q.scalar_type() == at::ScalarType::BFloat16 ? 1 : 0;
   TORCH_CHECK(p.is_bf16 || q.scalar_type() == at::ScalarType::Half, "paged_decode: fp16 or bf16 only");

@@ -41,9 +41,7 @@ struct PagedDecodeParams {
   int m_tiles;                  // 16-row MMA tiles per block: 1, 2, 4 or 8
   int variant;                  // tile/stage variant (0 = default; others for tuning)
   int is_bf16;                  // 1: bfloat16, 0: float16
-  int pdl;                      // 1: programmatic dependent launch (sm_90+): start before the previous kernel ends;
-                                // 2: also read lengths, tables and K/V rows older than the new tokens before
-                                //    waiting for it (only when that kernel writes none of them)
+  int pdl;                      // 1: programmatic dependent launch (sm_90+): start before the previous kernel ends
 
   float scale_log2;             // softmax_scale * log2(e)   (no softcap)
   float softcap_log2;           // softcap * log2(e)          (softcap > 0)

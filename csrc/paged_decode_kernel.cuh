@@ -183,12 +183,8 @@ __global__ void __launch_bounds__(Cfg<D, MT, V>::THREADS, Cfg<D, MT, V>::MIN_BLO
   T* sV = sK + STAGES * TILE;
   T* sQ = sV + STAGES * TILE;
 
-  // Early mode (pdl == 2, the engine's decode step): lengths, block tables and the K/V rows older than the
-  // q_len new tokens are read before waiting for the previous kernel, which writes only q and the new rows.
-  // The first tiles' page lookups and copies then overlap that kernel; the new rows are copied after the wait.
   constexpr bool BATCH = LOADS * (STAGES - 1) <= 16;  // first tiles' pages held in registers
-  const bool early = BATCH && p.pdl == 2;
-  if (!early) grid_dependency_sync();
+  grid_dependency_sync();
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int mw = warp / K_WARPS, kw = warp % K_WARPS;
   const int split = blockIdx.x;
@@ -212,7 +208,7 @@ __global__ void __launch_bounds__(Cfg<D, MT, V>::THREADS, Cfg<D, MT, V>::MIN_BLO
 #pragma unroll
     for (int i = 0; i < LOADS; ++i) {
       const int blk = (base + tile * N + i * C::ROWS_PER_PASS + ld_row) >> p.block_size_log2;
-      dst[i] = bt ? (blk < p.bt_cols ? (early ? __ldcg(bt + blk) : __ldg(bt + blk)) : 0) : page_const;
+      dst[i] = bt ? (blk < p.bt_cols ? __ldg(bt + blk) : 0) : page_const;
     }
   };
   // Without a left window a paged split starts at a host-known key: look its first pages up
@@ -230,10 +226,8 @@ __global__ void __launch_bounds__(Cfg<D, MT, V>::THREADS, Cfg<D, MT, V>::MIN_BLO
   }
 
   // Visible key range of this block's rows (query i of q_len sits at position L - q_len + i).
-  // Early mode reads through L2 (.cg): these reads precede the wait.
-  const int L = early ? __ldcg(p.seqlens + b) : p.seqlens[b];
-  const int start = p.leftpad ? (early ? __ldcg(p.leftpad + b) : p.leftpad[b]) : 0;
-  const int fresh_lo = L - p.q_len;      // keys written by the previous kernel (early mode)
+  const int L = p.seqlens[b];
+  const int start = p.leftpad ? p.leftpad[b] : 0;
   const int qpos_lo = L - p.q_len + row0 / G;
   const int qpos_hi = L - p.q_len + (row0 + nrows - 1) / G;
   int lo = start, hi = L, lo_in = start, hi_in = L;  // [lo, hi): any row; [lo_in, hi_in): all rows
@@ -254,7 +248,6 @@ __global__ void __launch_bounds__(Cfg<D, MT, V>::THREADS, Cfg<D, MT, V>::MIN_BLO
   const int key0 = lo + tile0 * N;  // first key position of this split
 
   if (my_tiles == 0 && p.num_splits > 1) {  // nothing to do: the merge skips -inf splits
-    if (early) grid_dependency_sync();  // no write before the wait
     for (int r = tid; r < nrows; r += THREADS) {
       const int gr = row0 + r;
       const int64_t orow = ((int64_t)b * p.q_len + gr / G) * p.nheads + hk * G + gr % G;
@@ -263,17 +256,12 @@ __global__ void __launch_bounds__(Cfg<D, MT, V>::THREADS, Cfg<D, MT, V>::MIN_BLO
     return;
   }
 
-  // part 0: every row of the tile; 1: all but the new keys' rows (before the wait); 2: only those. Returns the
-  // rows issued.
-  auto issue_tile = [&](int tile, int slot, const int (&pgs)[LOADS], int part) {
-    int issued = 0;
+  auto issue_tile = [&](int tile, int slot, const int (&pgs)[LOADS]) {
 #pragma unroll
     for (int i = 0; i < LOADS; ++i) {
       const int r = i * C::ROWS_PER_PASS + ld_row;
       const int pos = key0 + tile * N + r;
       const bool ok = pos < hi;
-      if (part != 0 && (part == 2) != (ok && pos >= fresh_lo)) continue;
-      ++issued;
       const int off = bt ? (pos & bs_mask) : pos;
       const int64_t ko = (int64_t)pgs[i] * p.k_stride_page + (int64_t)off * p.k_stride_tok + ld_chunk * 8;
       const int64_t vo = (int64_t)pgs[i] * p.v_stride_page + (int64_t)off * p.v_stride_tok + ld_chunk * 8;
@@ -281,7 +269,6 @@ __global__ void __launch_bounds__(Cfg<D, MT, V>::THREADS, Cfg<D, MT, V>::MIN_BLO
       cp_async_16(smem_u32(sK + so), ok ? kbase + ko : kbase, ok ? 16 : 0);
       cp_async_16(smem_u32(sV + so), ok ? vbase + vo : vbase, ok ? 16 : 0);
     }
-    return issued;
   };
 
   if constexpr (BATCH) {
@@ -291,7 +278,7 @@ __global__ void __launch_bounds__(Cfg<D, MT, V>::THREADS, Cfg<D, MT, V>::MIN_BLO
     }
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-      if (s < my_tiles) issue_tile(s, s, pgp[s], early ? 1 : 0);
+      if (s < my_tiles) issue_tile(s, s, pgp[s]);
       cp_async_commit();
     }
   } else {
@@ -299,7 +286,7 @@ __global__ void __launch_bounds__(Cfg<D, MT, V>::THREADS, Cfg<D, MT, V>::MIN_BLO
     for (int s = 0; s < STAGES - 1; ++s) {
       if (s < my_tiles) {
         fetch_pages(key0, s, pg);
-        issue_tile(s, s, pg, 0);
+        issue_tile(s, s, pg);
       }
       cp_async_commit();
     }
@@ -308,22 +295,6 @@ __global__ void __launch_bounds__(Cfg<D, MT, V>::THREADS, Cfg<D, MT, V>::MIN_BLO
   // spill next to its 128 accumulator registers): it looks pages up right before each issue.
   constexpr bool PREFETCH = !(D == 256 && LOADS > 8);
   if (PREFETCH && STAGES - 1 < my_tiles) fetch_pages(key0, STAGES - 1, pg);
-  if constexpr (BATCH) {
-    if (early) {  // now the previous kernel's q and new K/V rows are visible
-      grid_dependency_sync();
-      int late = 0;
-#pragma unroll
-      for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < my_tiles) late += issue_tile(s, s, pgp[s], 2);
-      }
-      // Own group, waited for at once by the (few) threads that copied new rows: the main loop's
-      // wait_group counts stay those of the first STAGES - 1 groups.
-      if (late) {
-        cp_async_commit();
-        cp_async_wait<0>();
-      }
-    }
-  }
 
   // ---- query rows -> shared memory (zero rows past nrows) ----
   for (int idx = tid; idx < C::QROWS * CPR; idx += THREADS) {
@@ -375,7 +346,7 @@ __global__ void __launch_bounds__(Cfg<D, MT, V>::THREADS, Cfg<D, MT, V>::MIN_BLO
       const int nt = it + STAGES - 1;
       if (nt < my_tiles) {
         if constexpr (!PREFETCH) fetch_pages(key0, nt, pg);
-        issue_tile(nt, nt % STAGES, pg, 0);
+        issue_tile(nt, nt % STAGES, pg);
         if constexpr (PREFETCH) {
           if (nt + 1 < my_tiles) fetch_pages(key0, nt + 1, pg);
         }

@@ -1,7 +1,7 @@
 """Decode-step probe for tuning on the GPU (not a benchmark of record: random-init models, no anchors).
 
 For the SmolLM2 shape and the 1B Llama shape at batch 1 it times engine variants (``VARIANTS``: programmatic
-dependent launch off, rotary as its own kernel, larger prefetch tiles, no run-ahead, early K/V reads on, forced
+dependent launch off, rotary as its own kernel, larger prefetch tiles, no run-ahead, forced
 attention-kernel variants, fused step bookkeeping off): tokens/s of one 256-token greedy call, back-to-back replays of the captured step, and the
 GPU timeline of one call from the profiler: busy time, the idle gaps between kernels, and the host functions
 running during the largest gaps. Writes ``probe.json`` (and a gzipped trace of one call) into the given folder.
@@ -122,15 +122,14 @@ VARIANTS = {  # label: (environment, engine keywords)
     "rope as its own kernel": ({"HF_EFFICIENT_FUSED_ROPE": "0"}, {}),
     "prefetch tile 16k": ({"HF_EFFICIENT_PREFETCH_TILE": "16384"}, {}),
     "no run-ahead": ({}, {"run_ahead": False}),
-    "early kv on": ({"HF_EFFICIENT_EARLY_KV": "1"}, {}),
     "fused step off": ({"HF_EFFICIENT_FUSED_STEP": "0"}, {}),
     "decode v1": ({"HF_EFFICIENT_PAGED_DECODE_VARIANT": "1"}, {}),
     "decode v2": ({"HF_EFFICIENT_PAGED_DECODE_VARIANT": "2"}, {}),
     "decode v4": ({"HF_EFFICIENT_PAGED_DECODE_VARIANT": "4"}, {}),
 }
-KNOBS = ("HF_EFFICIENT_PDL", "HF_EFFICIENT_FUSED_ROPE", "HF_EFFICIENT_PREFETCH_TILE", "HF_EFFICIENT_EARLY_KV",
+KNOBS = ("HF_EFFICIENT_PDL", "HF_EFFICIENT_FUSED_ROPE", "HF_EFFICIENT_PREFETCH_TILE", 
          "HF_EFFICIENT_PAGED_DECODE_VARIANT", "HF_EFFICIENT_FUSED_STEP")
-# PROBE_LABELS="default,early kv off": run only these variants; PROBE_LIGHT=1: skip the host-phase and timeline
+# PROBE_LABELS="default,fused step off": run only these variants; PROBE_LIGHT=1: skip the host-phase and timeline
 # parts (tok/s and replay times only)
 LIGHT = os.environ.get("PROBE_LIGHT", "0") == "1"
 

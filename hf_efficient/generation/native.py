@@ -30,7 +30,7 @@ import torch
 
 from ..attention.flash_api import flash_attn_varlen_func
 from ..ops.decode_linear import kernels_usable, linear_residual, norm_linear, norm_linear_rope
-from ..ops.paged_decode import early_kv_reads, paged_decode
+from ..ops.paged_decode import paged_decode
 
 FAMILIES = ("llama", "mistral", "qwen2")
 #: Largest hidden size for which the engine picks the native step by itself. Measured on an H200 (bench generate):
@@ -167,12 +167,9 @@ class NativeDecoder:
         splits = 1 if max_context is not None and max_context <= SHORT_CONTEXT else 0
 
         def attend(i, q, attn):
-            # the kernel before (q/k/v projection + rotary) writes q and the new K/V rows only: the attention may
-            # look its pages up and start copying the older rows before that kernel ends (HF_EFFICIENT_EARLY_KV=1)
-            with early_kv_reads():
-                o = paged_decode(q.view(b, 1, h_, d), self.cache.layers[i].k_pool, self.cache.layers[i].v_pool,
-                                 seqlens, block_table, softmax_scale=attn.scaling, causal=True,
-                                 window_size=self.windows[i], num_splits=splits, max_seqlen_k=max_context)
+            o = paged_decode(q.view(b, 1, h_, d), self.cache.layers[i].k_pool, self.cache.layers[i].v_pool,
+                             seqlens, block_table, softmax_scale=attn.scaling, causal=True,
+                             window_size=self.windows[i], num_splits=splits, max_seqlen_k=max_context)
             return o.view(b, h_ * d)
 
         return self._layers(tokens, positions, slots, attend)

@@ -12,11 +12,9 @@ causal, sees keys up to that position. A decode step is CUDA-graph capturable: n
 capacity).
 """
 
-import contextlib
 import functools
 import math
 import os
-import threading
 import warnings
 
 import torch
@@ -36,31 +34,11 @@ SPEC = JitSpec(
 )
 EXTENSION = Extension(SPEC, "hf_efficient_C")
 _warned = False
-_EARLY = threading.local()
-
-
-@contextlib.contextmanager
-def early_kv_reads():
-    """CUDA kernels launched inside (with programmatic dependent launch) read the cache lengths, block tables and
-    the K/V rows older than the ``q_len`` new tokens before waiting for the previous kernel, so their page lookups
-    and first tile copies overlap it. Only for callers whose immediately preceding kernel writes none of those:
-    the native decode step, whose q/k/v projection writes q and the new K/V rows only, and whose lengths and
-    tables are written at the start of the step. Experimental, off unless ``HF_EFFICIENT_EARLY_KV=1``: on the H200
-    the engine's batch-1 step replayed in 0.889 ms with it vs 0.885 ms in the run before without it (no gain
-    measured; the one same-process comparison that showed one was confounded by a slower table load)."""
-    before = getattr(_EARLY, "on", False)
-    _EARLY.on = os.environ.get("HF_EFFICIENT_EARLY_KV", "0") == "1"
-    try:
-        yield
-    finally:
-        _EARLY.on = before
 
 
 def _pdl_mode(device) -> int:
-    """0: plain launch, 1: programmatic dependent launch, 2: PDL with early K/V reads (see early_kv_reads)."""
-    if not pdl_enabled(device):
-        return 0
-    return 2 if getattr(_EARLY, "on", False) else 1
+    """0: plain launch, 1: programmatic dependent launch."""
+    return 1 if pdl_enabled(device) else 0
 
 
 # ---------------------------------------------------------------------------------------------

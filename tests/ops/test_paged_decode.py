@@ -438,16 +438,26 @@ def test_cuda_kernel_variants(D, variant, cuda_backend, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("D,group,q_len,variant", [(64, 3, 1, 0), (64, 3, 5, 4), (128, 4, 1, 0), (128, 4, 16, 2)])
-def test_cuda_early_kv_reads_after_a_writer(D, group, q_len, variant, cuda_backend, monkeypatch):
-    """Early mode (the engine's decode step): the kernel reads lengths, tables and the older K/V rows before the
-    previous kernel ends. Here that kernel (rotary + K/V write, programmatic dependent launch) writes q and the
-    q_len new rows right before the attention, inside a CUDA graph; before each replay the new rows are poisoned
-    (NaN) and q is redrawn, so a new row or q read too early shows up as NaN or a wrong result."""
+def test_cuda_split_plan_hints_never_change_results(cuda_backend):
+    """max_seqlen_k below the real lengths (splits grow on device) and the avg_seqlen_k hint."""
+    k, v, table, seqlens = make_cache([5, 700, 3000, 90], 2, 128, 16, torch.bfloat16, "cuda")
+    q = torch.randn(4, 2, 8, 128, device="cuda").to(torch.bfloat16)
+    orc = oracle(q, k, v, seqlens, table, window_right=0)
+    for kw in (dict(max_seqlen_k=64, num_splits=3), dict(max_seqlen_k=64), dict(max_seqlen_k=3000, avg_seqlen_k=900),
+               dict(num_splits=256)):
+        check(pd.paged_decode(q, k, v, seqlens, table, **kw), orc)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("D,group,q_len,variant", [(64, 3, 1, 0), (64, 3, 5, 4), (128, 4, 1, 3), (128, 4, 16, 2)])
+def test_cuda_decode_right_after_a_pdl_writer(D, group, q_len, variant, cuda_backend, monkeypatch):
+    """The engine's decode step: the kernel right before the attention (rotary + K/V write, programmatic dependent
+    launch) writes q and the q_len new rows, inside a CUDA graph; before each replay the new rows are poisoned (NaN)
+    and q is redrawn, so an attention that reads them before that kernel ends shows NaN or a wrong result."""
     from hf_efficient.ops.decode_linear import rope_store
 
     monkeypatch.setenv("HF_EFFICIENT_PAGED_DECODE_VARIANT", str(variant))
-    monkeypatch.setenv("HF_EFFICIENT_EARLY_KV", "1")
     Hk, bs, dtype = 2, 16, torch.bfloat16
     H = Hk * group
     lens = [q_len, q_len + 1, 17, 130, 300, 1100]
@@ -461,8 +471,7 @@ def test_cuda_early_kv_reads_after_a_writer(D, group, q_len, variant, cuda_backe
 
     def step():
         q = rope_store(qkv, pos, inv_freq, 1.0, H, Hk, k, v, slots)
-        with pd.early_kv_reads():
-            return pd.paged_decode(q.view(B, q_len, H, D), k, v, seqlens, table, num_splits=1)
+        return pd.paged_decode(q.view(B, q_len, H, D), k, v, seqlens, table, num_splits=1)
 
     qkv.normal_()
     side = torch.cuda.Stream()
@@ -482,18 +491,6 @@ def test_cuda_early_kv_reads_after_a_writer(D, group, q_len, variant, cuda_backe
         torch.cuda.synchronize()
         q_ref = rope_store(qkv, pos, inv_freq, 1.0, H, Hk, k, v, slots)  # same rows again; q for the oracle
         assert_close(out, q_ref.view(B, q_len, H, D), k, v, seqlens, table, window_right=0)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-def test_cuda_split_plan_hints_never_change_results(cuda_backend):
-    """max_seqlen_k below the real lengths (splits grow on device) and the avg_seqlen_k hint."""
-    k, v, table, seqlens = make_cache([5, 700, 3000, 90], 2, 128, 16, torch.bfloat16, "cuda")
-    q = torch.randn(4, 2, 8, 128, device="cuda").to(torch.bfloat16)
-    orc = oracle(q, k, v, seqlens, table, window_right=0)
-    for kw in (dict(max_seqlen_k=64, num_splits=3), dict(max_seqlen_k=64), dict(max_seqlen_k=3000, avg_seqlen_k=900),
-               dict(num_splits=256)):
-        check(pd.paged_decode(q, k, v, seqlens, table, **kw), orc)
 
 
 @pytest.mark.gpu
