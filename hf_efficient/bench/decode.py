@@ -232,11 +232,11 @@ def run(out_dir, quick=False, sweep=False) -> dict:
             print(f"{name:40s} ours {ours:5.2f}  flash {flash or 0:5.2f}  cudnn {cudnn or 0:5.2f}  TB/s", flush=True)
             del sets, case
             torch.cuda.empty_cache()
-    from hf_efficient.ops.paged_decode import _bandwidth
+    from hf_efficient.ops.paged_decode import device_bandwidth
 
     result = {"gpu": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
               "versions": _versions(), "unit": "TB/s", "block_size": BLOCK_SIZE,
-              "plan_bandwidth_TBps": _bandwidth(torch.cuda.current_device()) / 1e12, "rows": rows}
+              "plan_bandwidth_TBps": device_bandwidth(torch.cuda.current_device()) / 1e12, "rows": rows}
     dest = Path(out_dir) / gpu_slug(result["gpu"])
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "decode.json").write_text(json.dumps(result, indent=1))

@@ -178,7 +178,7 @@ def plan_launch(batch: int, nheads_k: int, q_len: int, group: int, head_dim: int
     n_tiles = max(1, -(-max_seqlen // tile_keys))
     if num_splits <= 0:
         num_splits = choose_num_splits(base, max_seqlen, tile_keys, sms, per_sm, head_dim, avg_seqlen,
-                                       bandwidth=_bandwidth(device_index))
+                                       bandwidth=device_bandwidth(device_index))
     num_splits = max(1, min(num_splits, MAX_SPLITS))
     if forced is None and variant == 3 and base * num_splits <= sms:
         variant = 0  # same tiles, deeper ring
@@ -186,7 +186,7 @@ def plan_launch(batch: int, nheads_k: int, q_len: int, group: int, head_dim: int
 
 
 @functools.cache
-def _bandwidth(index: int) -> float:
+def device_bandwidth(index: int) -> float:
     """~90% of the peak memory bandwidth the device reports (a device copy reaches 89-90% on H100 and H200)."""
     props = torch.cuda.get_device_properties(index)
     clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
