@@ -106,7 +106,7 @@ def plan_rows(q_len: int, group: int) -> tuple[int, int]:
 # H200; only ratios matter much.
 _BW = 3.0e12          # device bandwidth (bytes/s) when the device does not report its memory clock and bus width
 # What one thread block streams when it has an SM to itself, bytes/s, by head dim (H200 sweeps: 128 -> ~23 GB/s,
-# 64 -> ~14.5 GB/s: the same 32 KB tiles hold twice the keys, so each tile's softmax and page lookups take longer).
+# 64 -> ~14.5 GB/s; measured, cause not isolated -- a d64 tile of the same 32 KB holds twice the keys and pages).
 _BLOCK_RATE = {64: 14.5e9}
 _BLOCK_RATE_DEFAULT = 23e9
 _WAVE_RAMP = 2.0e-6   # first-tile latency of each wave, s
