@@ -127,7 +127,7 @@ VARIANTS = {  # label: (environment, engine keywords)
     "decode v2": ({"HF_EFFICIENT_PAGED_DECODE_VARIANT": "2"}, {}),
     "decode v4": ({"HF_EFFICIENT_PAGED_DECODE_VARIANT": "4"}, {}),
 }
-KNOBS = ("HF_EFFICIENT_PDL", "HF_EFFICIENT_FUSED_ROPE", "HF_EFFICIENT_PREFETCH_TILE", 
+KNOBS = ("HF_EFFICIENT_PDL", "HF_EFFICIENT_FUSED_ROPE", "HF_EFFICIENT_PREFETCH_TILE",
          "HF_EFFICIENT_PAGED_DECODE_VARIANT", "HF_EFFICIENT_FUSED_STEP")
 # PROBE_LABELS="default,fused step off": run only these variants; PROBE_LIGHT=1: skip the host-phase and timeline
 # parts (tok/s and replay times only)
