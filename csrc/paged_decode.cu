@@ -77,7 +77,7 @@ void paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
                   const std::optional<at::Tensor>& lse, const std::optional<at::Tensor>& out_partial,
                   const std::optional<at::Tensor>& lse_partial, double softmax_scale, double softcap,
                   int64_t window_left, int64_t window_right, int64_t num_splits, int64_t tiles_per_split,
-                  int64_t variant, int64_t pdl, int64_t stream) {
+                  int64_t variant, bool pdl, int64_t stream) {
   TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4, "paged_decode: 4-d q/k/v");
   TORCH_CHECK(q.stride(3) == 1 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1,
               "paged_decode: head_dim must be contiguous");
@@ -126,8 +126,7 @@ void paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   p.tiles_per_split = static_cast<int>(tiles_per_split);
   p.bt_cols = block_table.has_value() ? static_cast<int>(block_table->size(1)) : 0;
   p.variant = static_cast<int>(variant);
-  TORCH_CHECK(pdl == 0 || pdl == 1, "paged_decode: pdl must be 0 or 1, got ", pdl);
-  p.pdl = static_cast<int>(pdl);
+  p.pdl = pdl ? 1 : 0;
   p.is_bf16 = q.scalar_type() == at::ScalarType::BFloat16 ? 1 : 0;
   TORCH_CHECK(p.is_bf16 || q.scalar_type() == at::ScalarType::Half, "paged_decode: fp16 or bf16 only");
   constexpr double kLog2e = 1.4426950408889634;
@@ -173,7 +172,7 @@ TORCH_LIBRARY(hf_efficient_C, m) {
       "paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens, Tensor? block_table, "
       "Tensor? batch_idx, Tensor? leftpad, Tensor? alibi, Tensor(a!) out, Tensor(b!)? lse, "
       "Tensor(c!)? out_partial, Tensor(d!)? lse_partial, float softmax_scale, float softcap, "
-      "int window_left, int window_right, int num_splits, int tiles_per_split, int variant, int pdl, int stream) -> ()",
+      "int window_left, int window_right, int num_splits, int tiles_per_split, int variant, bool pdl, int stream) -> ()",
       &paged_decode);
   m.def("kernel_info(int head_dim, int m_tiles, bool bf16, int variant, int device) -> int[]", &kernel_info);
 }

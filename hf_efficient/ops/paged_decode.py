@@ -36,11 +36,6 @@ EXTENSION = Extension(SPEC, "hf_efficient_C")
 _warned = False
 
 
-def _pdl_mode(device) -> int:
-    """0: plain launch, 1: programmatic dependent launch."""
-    return 1 if pdl_enabled(device) else 0
-
-
 # ---------------------------------------------------------------------------------------------
 # Reference
 # ---------------------------------------------------------------------------------------------
@@ -160,9 +155,9 @@ def plan_launch(batch: int, nheads_k: int, q_len: int, group: int, head_dim: int
     One row tile at head_dim 64/128 in bf16 (the tuned variants are compiled there): variant 3 (two-stage ring:
     more resident blocks per SM -- three at head_dim 64, where its registers are capped, two at 128 -- so more
     bytes in flight per SM) when the grid has more blocks than SMs, else variant 0 (three-stage ring: more bytes in
-    flight per block when each block has an SM to itself). Other shapes:
-    variant 0. Splits from :func:`choose_num_splits` with the device's bandwidth. ``HF_EFFICIENT_PAGED_DECODE_
-    VARIANT`` forces a variant (tuning).
+    flight per block when each block has an SM to itself). Other shapes: variant 0. Splits from
+    :func:`choose_num_splits` with the device's bandwidth. ``HF_EFFICIENT_PAGED_DECODE_VARIANT`` forces a variant
+    (tuning).
     """
     chunks, m_tiles = plan_rows(q_len, group)
     base = batch * nheads_k * chunks
@@ -314,7 +309,7 @@ def _run_cuda(q, k_cache, v_cache, seqlens, block_table, batch_idx, leftpad, ali
         op = alloc_output((num_splits, B, Tq, H, D), torch.float32, q.device)
         lp = alloc_output((num_splits, B, Tq, H), torch.float32, q.device)
     args = (q, k_cache, v_cache, seqlens, block_table, batch_idx, leftpad, alibi, out, lse, op, lp, scale, softcap,
-            wl, wr, num_splits, tiles_per_split, variant, _pdl_mode(q.device))
+            wl, wr, num_splits, tiles_per_split, variant, pdl_enabled(q.device))
     if q.device.index == torch.cuda.current_device():
         ops.paged_decode(*args, torch.cuda.current_stream().cuda_stream)
     else:
