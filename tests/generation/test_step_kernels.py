@@ -50,7 +50,11 @@ def test_greedy_commit_matches_the_sampler_and_commit_ops(b, vocab):
     base = _state(b, vocab, 6, g)
     ours = {k: v.clone() for k, v in base.items()}
     ref = {k: v.clone() for k, v in base.items()}
-    ours["steps"] = base["steps"].clone()
+    # clone() of the strided view is contiguous: give the kernel a strided view again (the sampler's layout)
+    parent = torch.zeros(b, 4, dtype=torch.long)
+    parent[:, 2] = base["steps"]
+    ours["steps"] = parent[:, 2]
+    assert ours["steps"].stride(0) == 4
     counter = torch.zeros(1, dtype=torch.int32)
     sk.greedy_commit(logits, **ours, counter=counter)
     sk.greedy_commit_reference(logits, **ref)
