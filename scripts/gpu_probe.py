@@ -1,7 +1,8 @@
 """Decode-step probe for tuning on the GPU (not a benchmark of record: random-init models, no anchors).
 
 For the SmolLM2 shape and the 1B Llama shape at batch 1 it times engine variants (``VARIANTS``: programmatic
-dependent launch off, rotary as its own kernel, larger prefetch tiles, no run-ahead, forced
+dependent launch off, rotary as its own kernel, larger prefetch tiles, one-row kernels off or retiled, the model's
+forward instead of the native step, no run-ahead, forced
 attention-kernel variants, fused step bookkeeping off): tokens/s of one 256-token greedy call, back-to-back replays of the captured step, and the
 GPU timeline of one call from the profiler: busy time, the idle gaps between kernels, and the host functions
 running during the largest gaps. Writes ``probe.json`` (and a gzipped trace of one call) into the given folder.
@@ -123,13 +124,18 @@ VARIANTS = {  # label: (environment, engine keywords)
     "prefetch tile 16k": ({"HF_EFFICIENT_PREFETCH_TILE": "16384"}, {}),
     "no run-ahead": ({}, {"run_ahead": False}),
     "fused step off": ({"HF_EFFICIENT_FUSED_STEP": "0"}, {}),
+    "gemv off": ({"HF_EFFICIENT_GEMV": "0"}, {}),
+    "gemv tile 2k": ({"HF_EFFICIENT_GEMV_TILE": "2048"}, {}),
+    "gemv 4 warps tile 8k": ({"HF_EFFICIENT_GEMV_TILE": "8192", "HF_EFFICIENT_GEMV_WARPS": "4"}, {}),
+    "model forward": ({}, {"native": False}),
     "decode v1": ({"HF_EFFICIENT_PAGED_DECODE_VARIANT": "1"}, {}),
     "decode v2": ({"HF_EFFICIENT_PAGED_DECODE_VARIANT": "2"}, {}),
     "decode v4": ({"HF_EFFICIENT_PAGED_DECODE_VARIANT": "4"}, {}),
 }
-KNOBS = ("HF_EFFICIENT_PDL", "HF_EFFICIENT_FUSED_ROPE", "HF_EFFICIENT_PREFETCH_TILE",
+KNOBS = ("HF_EFFICIENT_PDL", "HF_EFFICIENT_GEMV", "HF_EFFICIENT_GEMV_TILE",
+         "HF_EFFICIENT_GEMV_WARPS", "HF_EFFICIENT_FUSED_ROPE", "HF_EFFICIENT_PREFETCH_TILE",
          "HF_EFFICIENT_PAGED_DECODE_VARIANT", "HF_EFFICIENT_FUSED_STEP")
-# PROBE_LABELS="default,fused step off": run only these variants; PROBE_LIGHT=1: skip the host-phase and timeline
+# PROBE_LABELS="default,fused step off": run only these variants (PROBE_LABELS_LLAMA1B etc.: for one shape); PROBE_LIGHT=1: skip the host-phase and timeline
 # parts (tok/s and replay times only)
 LIGHT = os.environ.get("PROBE_LIGHT", "0") == "1"
 
@@ -139,7 +145,7 @@ def _one(model, prompt, shape: str, label: str, out: Path) -> dict:
     for knob in KNOBS:
         os.environ.pop(knob, None)
     os.environ.update(env)
-    engine = DecodeEngine(model, max_batch=1, max_tokens=1024, sync_every=16, native=True, **kw)
+    engine = DecodeEngine(model, max_batch=1, max_tokens=1024, sync_every=16, **{"native": True, **kw})
     p256 = SamplingParams(temperature=0.0, max_tokens=256, ignore_eos=True)
     p64 = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
     _, warm = _timed(lambda: engine.generate([prompt], p64))
@@ -166,9 +172,10 @@ def _one(model, prompt, shape: str, label: str, out: Path) -> dict:
 def probe(shape: str, out: Path) -> dict:
     model = _model(shape)
     prompt = list(range(100, 140))
-    labels = list(VARIANTS) if shape == "smollm2" else ["default", "pdl off", "prefetch tile 16k"]
-    if os.environ.get("PROBE_LABELS"):
-        labels = [x for x in os.environ["PROBE_LABELS"].split(",") if x in VARIANTS]
+    labels = list(VARIANTS) if shape == "smollm2" else ["default", "gemv off", "model forward"]
+    chosen = os.environ.get(f"PROBE_LABELS_{shape.upper()}") or os.environ.get("PROBE_LABELS")
+    if chosen:
+        labels = [x for x in chosen.split(",") if x in VARIANTS]
     res = {label: _one(model, prompt, shape, label, out) for label in labels}
     torch.cuda.empty_cache()
     if "default" in res:

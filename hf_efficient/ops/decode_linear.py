@@ -223,6 +223,17 @@ if triton is not None:
                          mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
+    def _rotate_pair(x1, x2, ang, scaling, dt):
+        """Rotary embedding of the pairs (x1, x2) = (x[j], x[j + D/2]) (fp32 values of model-dtype numbers) at
+        angles ``ang``, rounded like transformers' ``q * cos + rotate_half(q) * sin`` (cos/sin and each product
+        rounded to the model dtype). Returns the two halves in the model dtype."""
+        c = (tl.cos(ang) * scaling).to(dt).to(tl.float32)
+        s = (tl.sin(ang) * scaling).to(dt).to(tl.float32)
+        o1 = ((x1 * c).to(dt).to(tl.float32) + (-x2 * s).to(dt).to(tl.float32)).to(dt)
+        o2 = ((x2 * c).to(dt).to(tl.float32) + (x1 * s).to(dt).to(tl.float32)).to(dt)
+        return o1, o2
+
+    @triton.jit
     def _rope_epilogue(val, rm, m_ok, head, is_q, is_qk, QO, sqm, POS, INV, KP, VP, SLOTS, scaling, HK, dt,
                        BLOCK_M: tl.constexpr, D: tl.constexpr):
         """Rotary embedding of a q or k head tile (rounded like transformers' rotate_half path, as in
@@ -232,11 +243,8 @@ if triton is not None:
         if is_qk:
             pos = tl.load(POS + rm, mask=m_ok, other=0).to(tl.float32)
             ang = pos[:, None] * tl.load(INV + tl.arange(0, HALF)).to(tl.float32)[None, :]
-            c = (tl.cos(ang) * scaling).to(dt).to(tl.float32)
-            s = (tl.sin(ang) * scaling).to(dt).to(tl.float32)
             x1, x2 = tl.split(tl.permute(tl.reshape(val, [BLOCK_M, 2, HALF]), (0, 2, 1)))
-            o1 = ((x1 * c).to(dt).to(tl.float32) + (-x2 * s).to(dt).to(tl.float32)).to(dt)
-            o2 = ((x2 * c).to(dt).to(tl.float32) + (x1 * s).to(dt).to(tl.float32)).to(dt)
+            o1, o2 = _rotate_pair(x1, x2, ang, scaling, dt)
             out = tl.reshape(tl.permute(tl.join(o1, o2), (0, 2, 1)), [BLOCK_M, D])
         else:
             out = val.to(dt)
@@ -297,6 +305,123 @@ if triton is not None:
             tl.store(Y + rm[:, None] * sym + rn[None, :], out, mask=mask)
 
     @triton.jit
+    def _gemv_rows(w_ptr, rows, r_ok, K, BLOCK_K: tl.constexpr):
+        """Whole rows ``rows`` of a row-major (N, K) weight, zero-padded to BLOCK_K columns (rows off ``r_ok`` zero)."""
+        kk = tl.arange(0, BLOCK_K)
+        return tl.load(w_ptr + rows[:, None] * K + kk[None, :], mask=r_ok[:, None] & (kk < K)[None, :], other=0.0)
+
+    @triton.jit
+    def _gemv_dot(w, x):
+        """fp32 ``w @ x`` of a (rows, BLOCK_K) tile and a (BLOCK_K,) vector: products and sums on the CUDA cores,
+        no shared-memory staging of the weights (they stay in the registers they were loaded into)."""
+        return tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+
+    @triton.jit
+    def _gemv_norm_kernel(
+        X, NW, W0, W1, W2, B0, B1, B2, Y, K, N0, N1, T0, T1, N2, eps,
+        POS, INV, KP, VP, SLOTS, scaling, HK,
+        HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+        PDL: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr,
+    ):
+        """One row (M == 1): RMSNorm then W0/W1/W2 side by side, each program BLOCK_R whole weight rows, fetched
+        before waiting for the previous kernel; no split of K, so no fix-up. With ROPE (q/k/v), a program holds
+        BLOCK_R rotary pairs of one head, rows j and j + HALF, and writes q or the K/V cache slot itself."""
+        pid = tl.program_id(0)
+        if pid < T0:
+            w_ptr = W0
+            b_ptr = B0
+        elif pid < T0 + T1:
+            w_ptr = W1
+            b_ptr = B1
+        else:
+            w_ptr = W2
+            b_ptr = B2
+        in1 = pid >= T0
+        in2 = pid >= T0 + T1
+        tile = pid - tl.where(in2, T0 + T1, tl.where(in1, T0, 0))
+        n_size = tl.where(in2, N2, tl.where(in1, N1, N0))
+        dt = Y.dtype.element_ty
+        if ROPE:
+            per_head: tl.constexpr = HALF // BLOCK_R
+            head = tile // per_head
+            j = (tile % per_head) * BLOCK_R + tl.arange(0, BLOCK_R)
+            ra = head * (2 * HALF) + j
+        else:
+            ra = tile * BLOCK_R + tl.arange(0, BLOCK_R)
+        ok = ra < n_size
+        kk = tl.arange(0, BLOCK_K)
+        k_ok = kk < K
+        wa = _gemv_rows(w_ptr, ra, ok, K, BLOCK_K)
+        if ROPE:
+            wb = _gemv_rows(w_ptr, ra + HALF, ok, K, BLOCK_K)
+        if HAS_NORM:
+            nw = tl.load(NW + kk, mask=k_ok, other=0.0)
+        _pdl_enter(PDL)
+        x = tl.load(X + kk, mask=k_ok, other=0.0)
+        if HAS_NORM:
+            xf = x.to(tl.float32)
+            r = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / K + eps)
+            x = (nw.to(tl.float32) * (xf * r).to(dt).to(tl.float32)).to(dt)
+        acc = _gemv_dot(wa, x)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + ra, mask=ok, other=0.0).to(tl.float32)
+        if ROPE:
+            acc_b = _gemv_dot(wb, x)
+            if HAS_BIAS:
+                acc_b += tl.load(b_ptr + ra + HALF, mask=ok, other=0.0).to(tl.float32)
+            x1 = acc.to(dt).to(tl.float32)
+            x2 = acc_b.to(dt).to(tl.float32)
+            D: tl.constexpr = 2 * HALF
+            if pid < T0 + T1:  # q or k: rotate
+                ang = tl.load(POS).to(tl.float32) * tl.load(INV + j).to(tl.float32)
+                o1, o2 = _rotate_pair(x1, x2, ang, scaling, dt)
+            else:
+                o1 = x1.to(dt)
+                o2 = x2.to(dt)
+            if pid < T0:
+                dst = Y + head * D + j
+                tl.store(dst, o1)
+                tl.store(dst + HALF, o2)
+            else:
+                offs = (tl.load(SLOTS) * HK + head) * D + j
+                if pid < T0 + T1:
+                    tl.store(KP + offs, o1.to(KP.dtype.element_ty))
+                    tl.store(KP + offs + HALF, o2.to(KP.dtype.element_ty))
+                else:
+                    tl.store(VP + offs, o1.to(VP.dtype.element_ty))
+                    tl.store(VP + offs + HALF, o2.to(VP.dtype.element_ty))
+        else:
+            col0 = tl.where(in2, N0 + N1, tl.where(in1, N0, 0))
+            tl.store(Y + col0 + ra, acc.to(dt), mask=ok)
+
+    @triton.jit
+    def _gemv_residual_kernel(
+        X, W, R, Y, K, N,
+        SILU_MUL: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+        PDL: tl.constexpr,
+    ):
+        """One row (M == 1) of :func:`linear_residual`: BLOCK_R whole weight rows per program, fetched before
+        waiting for the previous kernel; no split of K."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        ok = rows < N
+        kk = tl.arange(0, BLOCK_K)
+        k_ok = kk < K
+        dt = Y.dtype.element_ty
+        w = _gemv_rows(W, rows, ok, K, BLOCK_K)
+        _pdl_enter(PDL)
+        x = tl.load(X + kk, mask=k_ok, other=0.0)
+        if SILU_MUL:
+            up = tl.load(X + K + kk, mask=k_ok, other=0.0)
+            g = x.to(tl.float32)
+            act = (g / (1.0 + tl.exp(-g))).to(dt)
+            x = (act.to(tl.float32) * up.to(tl.float32)).to(dt)
+        out = _gemv_dot(w, x).to(dt)
+        if HAS_RES:
+            res = tl.load(R + rows, mask=ok, other=0.0)
+            out = (out.to(tl.float32) + res.to(tl.float32)).to(dt)
+        tl.store(Y + rows, out, mask=ok)
+
+    @triton.jit
     def _rope_store_kernel(
         QKV, POS, INV, QO, KP, VP, SLOTS, sqm, scaling, H, HK,
         D: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr,
@@ -309,14 +434,10 @@ if triton is not None:
         j_ok = j < HALF
         pos = tl.load(POS + m).to(tl.float32)
         ang = pos * tl.load(INV + j, mask=j_ok, other=0.0).to(tl.float32)
-        c = (tl.cos(ang) * scaling).to(dt).to(tl.float32)
-        s = (tl.sin(ang) * scaling).to(dt).to(tl.float32)
         src = QKV + m * sqm + h * D
         x1 = tl.load(src + j, mask=j_ok, other=0.0).to(tl.float32)
         x2 = tl.load(src + HALF + j, mask=j_ok, other=0.0).to(tl.float32)
-        # transformers: q * cos + rotate_half(q) * sin, each product rounded to the model dtype
-        o1 = ((x1 * c).to(dt).to(tl.float32) + (-x2 * s).to(dt).to(tl.float32)).to(dt)
-        o2 = ((x2 * c).to(dt).to(tl.float32) + (x1 * s).to(dt).to(tl.float32)).to(dt)
+        o1, o2 = _rotate_pair(x1, x2, ang, scaling, dt)
         if h < H:
             dst = QO + (m * H + h) * D
             tl.store(dst + j, o1, mask=j_ok)
@@ -458,22 +579,45 @@ def _check_norm_linear(x, weights, norm_weight, biases) -> list:
     return biases
 
 
+GEMV_TILE = 4096  # weight elements (zero padding included) one one-row program holds
+GEMV_WARP_ELEMENTS = 4096  # at most this many per warp (128 per thread): more warps for longer rows
+GEMV_MAX_K = 16384
+
+
+def gemv_plan(m: int, k: int, pairs: bool = False) -> tuple[int, int, int] | None:
+    """(BLOCK_R, BLOCK_K, num_warps) of the one-row kernels (``m == 1``: batch-1 decode), or None when the GEMM
+    tiles are used instead (``m > 1``, ``K`` above ``GEMV_MAX_K``, or ``HF_EFFICIENT_GEMV=0``).
+
+    Each program holds BLOCK_R whole weight rows (K padded to a power of two), ``2 * BLOCK_R`` rows when ``pairs``
+    (the rotary pairs of the q/k/v epilogue), about ``GEMV_TILE`` elements: the whole tile is fetched before the
+    wait for the previous kernel, and after it only the input row, the products and a sum across the row remain
+    (no split of K to fix up, no shared-memory staging of the weights for the tensor cores). One warp per program
+    when the tile allows: its sums are warp shuffles, with no barrier. ``HF_EFFICIENT_GEMV_TILE`` and
+    ``HF_EFFICIENT_GEMV_WARPS`` (the least warps) override the defaults (tuning)."""
+    if m != 1 or k > GEMV_MAX_K or os.environ.get("HF_EFFICIENT_GEMV", "1") == "0":
+        return None
+    bk = triton.next_power_of_2(k)
+    per_row = bk * (2 if pairs else 1)
+    rows = max(1, int(os.environ.get("HF_EFFICIENT_GEMV_TILE", GEMV_TILE)) // per_row)
+    warps = max(int(os.environ.get("HF_EFFICIENT_GEMV_WARPS", 1)), rows * per_row // GEMV_WARP_ELEMENTS)
+    return rows, bk, warps
+
+
 def _launch_norm_linear(x, weights, norm_weight, eps, biases, y, ns, rope=None):
     m, k = x.shape
     if m == 0:
         return y
     nw = [n for n in ns if n]
     pdl = pdl_enabled(x.device)
+    gemv = gemv_plan(m, k, pairs=rope is not None)
+    if gemv is not None:
+        return _launch_gemv_norm(x, weights, norm_weight, eps, biases, y, ns, rope, pdl, *gemv)
     bm, bn, bk, warps, stages, split, k_per = tiles(
         m, max(ns), k, x.device, n_tiles=lambda b: sum(triton.cdiv(n, b) for n in nw), prefetch=_prefetch(x.device),
         block_n=rope["head_dim"] if rope else None)
     t0, t1, t2 = (triton.cdiv(n, bn) for n in ns)
     ws = list(weights) + [weights[0]] * (3 - len(weights))
-    has_bias = any(b is not None for b in biases)
-    bs = [ws[0]] * 3
-    if has_bias:  # a weight without bias gets a zero one (rare: mixed biases)
-        bs = [b if b is not None else torch.zeros(w.shape[0], dtype=x.dtype, device=x.device)
-              for b, w in zip(list(biases) + [None] * (3 - len(biases)), ws)]
+    has_bias, bs = _bias_args(biases, weights, x.dtype, x.device)
     grid = (triton.cdiv(m, bm), t0 + t1 + t2, split)
     work, cnt = _workspace(x.device, split, grid[0] * grid[1], bm * bn)
     r = rope or {}
@@ -487,6 +631,40 @@ def _launch_norm_linear(x, weights, norm_weight, eps, biases, y, ns, rope=None):
         HAS_NORM=norm_weight is not None, HAS_BIAS=has_bias, IEEE=x.dtype == torch.float32, SPLIT=split,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ONE_TILE=k_per == bk, **_pdl_kw(pdl), ROPE=rope is not None,
         num_warps=warps, num_stages=stages,
+    )
+    return y
+
+
+def _bias_args(biases, weights, dtype, device) -> tuple[bool, list[torch.Tensor]]:
+    """(has_bias, three bias pointers): a weight without bias gets a zero one when others have one (rare: mixed
+    biases); without any bias the pointers are placeholders."""
+    ws = list(weights) + [weights[0]] * (3 - len(weights))
+    if not any(b is not None for b in biases):
+        return False, [ws[0]] * 3
+    return True, [b if b is not None else torch.zeros(w.shape[0], dtype=dtype, device=device)
+                  for b, w in zip(list(biases) + [None] * (3 - len(biases)), ws)]
+
+
+def _launch_gemv_norm(x, weights, norm_weight, eps, biases, y, ns, rope, pdl, rows, bk, warps):
+    """:func:`_launch_norm_linear` for one row: the ``_gemv_norm_kernel`` (plan from :func:`gemv_plan`)."""
+    k = x.shape[1]
+    if rope:
+        d = rope["head_dim"]
+        rows = min(rows, d // 2)
+        t0, t1, t2 = (n // d * (d // 2 // rows) for n in ns)
+    else:
+        t0, t1, t2 = (triton.cdiv(n, rows) for n in ns)
+    ws = list(weights) + [weights[0]] * (3 - len(weights))
+    has_bias, bs = _bias_args(biases, weights, x.dtype, x.device)
+    r = rope or {}
+    precompile.run(
+        _gemv_norm_kernel, (t0 + t1 + t2,),
+        x, norm_weight if norm_weight is not None else x, *ws, *bs, y,
+        k, ns[0], ns[1], t0, t1, ns[2], float(eps),
+        r.get("positions", y), r.get("inv_freq", y), r.get("k_pool", y), r.get("v_pool", y), r.get("slots", y),
+        float(r.get("scaling", 1.0)), int(r.get("nheads_k", 1)),
+        HAS_NORM=norm_weight is not None, HAS_BIAS=has_bias, BLOCK_R=rows, BLOCK_K=bk, **_pdl_kw(pdl),
+        ROPE=rope is not None, HALF=r.get("head_dim", 2) // 2, num_warps=warps,
     )
     return y
 
@@ -561,6 +739,15 @@ def linear_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tenso
     if m == 0:
         return y
     pdl = pdl_enabled(x.device)
+    gemv = gemv_plan(m, k)
+    if gemv is not None:
+        rows, bk, warps = gemv
+        precompile.run(
+            _gemv_residual_kernel, (triton.cdiv(n, rows),), x, weight, residual if residual is not None else y, y,
+            k, n, SILU_MUL=silu_mul, HAS_RES=residual is not None, BLOCK_R=rows, BLOCK_K=bk, **_pdl_kw(pdl),
+            num_warps=warps,
+        )
+        return y
     bm, bn, bk, warps, stages, split, k_per = tiles(m, n, k, x.device, prefetch=_prefetch(x.device))
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
     work, cnt = _workspace(x.device, split, grid[0] * grid[1], bm * bn)

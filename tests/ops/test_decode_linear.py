@@ -136,10 +136,11 @@ def test_norm_linear_rope_equals_the_two_ops(device, dtype, m, head_dim, bias):
         dl.norm_linear_rope(x, ws[:2], nw, 1e-5, None, pos, inv, 0.9, h, hk, pools[0], pools[1], slots)
 
 
-def test_split_k_is_planned_and_deterministic(device):
+def test_split_k_is_planned_and_deterministic(device, monkeypatch):
     """Few output tiles and a long K: the plan splits K; repeated calls give bitwise-identical results and leave the
     arrival counters at zero (so CUDA-graph replays start clean)."""
     dtype = torch.float16
+    monkeypatch.setenv("HF_EFFICIENT_GEMV", "0")  # one row would take the one-row kernel, which has no split
     x = torch.randn(1, 2048, device=device).to(dtype)
     w = (torch.randn(48, 2048, device=device) / 45).to(dtype)
     plan = dl.tiles(1, 48, 2048, torch.device(device))
@@ -156,6 +157,7 @@ def test_single_tile_programs(device, monkeypatch, m):
     """The plan used with programmatic dependent launch: every program multiplies one weight tile that it loads
     before waiting for the previous kernel (forced here, so the CPU interpreter checks it too)."""
     monkeypatch.setattr(dl, "_prefetch", lambda device: True)
+    monkeypatch.setenv("HF_EFFICIENT_GEMV", "0")  # the tile kernels at one row too
     plan = dl.tiles(m, 56, 1000, torch.device(device), prefetch=True)
     assert plan[2] == plan[6] and plan[5] == -(-1000 // plan[2]), plan
     r = _gen(m)
@@ -169,6 +171,73 @@ def test_single_tile_programs(device, monkeypatch, m):
     xn, nw, ws = xn64.to(device, dtype), nw64.to(device, dtype), [t.to(device, dtype) for t in ws64]
     _assert_accurate(dl.norm_linear(xn, ws, nw, 1e-5), dl.norm_linear_reference(xn, ws, nw, 1e-5),
                      dl.norm_linear_reference(xn64, ws64, nw64, 1e-5).to(device))
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    """Names of the Triton kernels launched through ``precompile.run`` during the test."""
+    names, run = [], dl.precompile.run
+
+    def spy(kernel, grid, *args, **kwargs):
+        names.append(kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__)
+        return run(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(dl.precompile, "run", spy)
+    return names
+
+
+@pytest.mark.parametrize("dtype", _dtypes())
+@pytest.mark.parametrize("k,bias", [(88, True), (600, False), (1000, True), (9000, False)])
+def test_one_row_kernels(device, dtype, launched, k, bias):
+    """Batch-1 decode (one row) runs the one-row kernels (whole weight rows per program, no split of K): as accurate
+    as PyTorch against float64, for K padded to a power of two, K above one tile (9000: one row per program, several warps),
+    biases, the SiLU-mul input and the residual written in place."""
+    assert dl.gemv_plan(1, k) is not None and dl.gemv_plan(2, k) is None
+    r = _gen(k + bias)
+    (x64, nw64, ws64, bs64), (x, nw, ws, bs) = _projection_inputs(r, 1, k, (72, 24, 40), bias, device, dtype)
+    _assert_accurate(dl.norm_linear(x, ws, nw, 1e-5, bs), dl.norm_linear_reference(x, ws, nw, 1e-5, bs),
+                     dl.norm_linear_reference(x64, ws64, nw64, 1e-5, bs64).to(device))
+    _assert_accurate(dl.norm_linear(x, ws[:1]), dl.norm_linear_reference(x, ws[:1]),
+                     dl.norm_linear_reference(x64, ws64[:1]).to(device))
+    gu64, w64, res64 = r(1, 2 * k, scale=2.0).double(), r(56, k, scale=k ** -0.5).double(), r(1, 56).double()
+    gu, w, res = (t.to(device, dtype) for t in (gu64, w64, res64))
+    ref = dl.linear_residual_reference(gu, w, res, silu_mul=True)
+    ref64 = dl.linear_residual_reference(gu64, w64, res64, silu_mul=True).to(device)
+    _assert_accurate(dl.linear_residual(gu, w, res, silu_mul=True, out=res), ref, ref64)  # in place
+    _assert_accurate(res, ref, ref64)
+    _assert_accurate(dl.linear_residual(gu[:, :k], w), dl.linear_residual_reference(gu[:, :k], w),
+                     dl.linear_residual_reference(gu64[:, :k], w64).to(device))
+    assert set(launched) == {"_gemv_norm_kernel", "_gemv_residual_kernel"}, launched
+
+
+@pytest.mark.parametrize("dtype", _dtypes())
+@pytest.mark.parametrize("head_dim,k,bias", [(16, 96, True), (64, 576, False), (128, 300, True)])
+def test_one_row_rope_matches_the_tile_kernel(device, dtype, launched, monkeypatch, head_dim, k, bias):
+    """The one-row q/k/v kernel with its rotary-pair epilogue (q out, k and v to their cache slot) against the
+    float64 reference, and against the tile kernel's result on the same inputs (both bf16-noise close)."""
+    r = _gen(head_dim + k)
+    h, hk, bs = 3, 1, 4
+    ns = (h * head_dim, hk * head_dim, hk * head_dim)
+    (x64, nw64, ws64, bs64), (x, nw, ws, bs_) = _projection_inputs(r, 1, k, ns, bias, device, dtype)
+    pos = torch.tensor([2077], device=device)
+    inv = (1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)).to(device)
+    slots = torch.tensor([5], device=device)
+    outs = {}
+    for gemv in ("1", "0"):
+        monkeypatch.setenv("HF_EFFICIENT_GEMV", gemv)
+        pools = [torch.full((3, bs, hk, head_dim), float("nan"), dtype=dtype, device=device) for _ in range(2)]
+        q = dl.norm_linear_rope(x, ws, nw, 1e-5, bs_, pos, inv, 0.9, h, hk, *pools, slots)
+        outs[gemv] = (q, *(p.view(-1, hk, head_dim)[slots] for p in pools))
+        untouched = torch.ones(3 * bs, dtype=torch.bool)
+        untouched[slots.cpu()] = False
+        assert all(torch.isnan(p.view(-1, hk, head_dim)[untouched.to(device)]).all() for p in pools)
+    pools64 = [torch.zeros(3, bs, hk, head_dim, dtype=torch.float64, device=device) for _ in range(2)]
+    qkv64 = dl.norm_linear_reference(x64, ws64, nw64, 1e-5, bs64).to(device)
+    q64 = dl.rope_store_reference(qkv64, pos, inv.double(), 0.9, h, hk, *pools64, slots)
+    refs64 = (q64, *(p.view(-1, hk, head_dim)[slots] for p in pools64))
+    for one_row, tile, ref64 in zip(outs["1"], outs["0"], refs64):
+        _assert_accurate(one_row, tile, ref64)
+    assert launched == ["_gemv_norm_kernel", "_norm_linear_kernel"], launched
 
 
 def test_bad_inputs_name_the_argument(device):
