@@ -579,7 +579,8 @@ def _check_norm_linear(x, weights, norm_weight, biases) -> list:
     return biases
 
 
-GEMV_TILE = 4096  # weight elements (zero padding included) one one-row program holds
+GEMV_TILE = 8192  # weight elements (zero padding included) one one-row program holds
+GEMV_WARPS = 4
 GEMV_WARP_ELEMENTS = 4096  # at most this many per warp (128 per thread): more warps for longer rows
 GEMV_MAX_K = 16384
 
@@ -591,15 +592,14 @@ def gemv_plan(m: int, k: int, pairs: bool = False) -> tuple[int, int, int] | Non
     Each program holds BLOCK_R whole weight rows (K padded to a power of two), ``2 * BLOCK_R`` rows when ``pairs``
     (the rotary pairs of the q/k/v epilogue), about ``GEMV_TILE`` elements: the whole tile is fetched before the
     wait for the previous kernel, and after it only the input row, the products and a sum across the row remain
-    (no split of K to fix up, no shared-memory staging of the weights for the tensor cores). One warp per program
-    when the tile allows: its sums are warp shuffles, with no barrier. ``HF_EFFICIENT_GEMV_TILE`` and
-    ``HF_EFFICIENT_GEMV_WARPS`` (the least warps) override the defaults (tuning)."""
+    (no split of K to fix up, no shared-memory staging of the weights for the tensor cores).
+    ``HF_EFFICIENT_GEMV_TILE`` and ``HF_EFFICIENT_GEMV_WARPS`` (the least warps) override the defaults (tuning)."""
     if m != 1 or k > GEMV_MAX_K or os.environ.get("HF_EFFICIENT_GEMV", "1") == "0":
         return None
     bk = triton.next_power_of_2(k)
     per_row = bk * (2 if pairs else 1)
     rows = max(1, int(os.environ.get("HF_EFFICIENT_GEMV_TILE", GEMV_TILE)) // per_row)
-    warps = max(int(os.environ.get("HF_EFFICIENT_GEMV_WARPS", 1)), rows * per_row // GEMV_WARP_ELEMENTS)
+    warps = max(int(os.environ.get("HF_EFFICIENT_GEMV_WARPS", GEMV_WARPS)), rows * per_row // GEMV_WARP_ELEMENTS)
     return rows, bk, warps
 
 

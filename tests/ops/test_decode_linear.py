@@ -207,7 +207,8 @@ def test_one_row_kernels(device, dtype, launched, k, bias):
     _assert_accurate(res, ref, ref64)
     _assert_accurate(dl.linear_residual(gu[:, :k], w), dl.linear_residual_reference(gu[:, :k], w),
                      dl.linear_residual_reference(gu64[:, :k], w64).to(device))
-    assert set(launched) == {"_gemv_norm_kernel", "_gemv_residual_kernel"}, launched
+    if dl.kernels_usable(x):  # CUDA float32 keeps cuBLAS
+        assert set(launched) == {"_gemv_norm_kernel", "_gemv_residual_kernel"}, launched
 
 
 @pytest.mark.parametrize("dtype", _dtypes())
@@ -237,7 +238,8 @@ def test_one_row_rope_matches_the_tile_kernel(device, dtype, launched, monkeypat
     refs64 = (q64, *(p.view(-1, hk, head_dim)[slots] for p in pools64))
     for one_row, tile, ref64 in zip(outs["1"], outs["0"], refs64):
         _assert_accurate(one_row, tile, ref64)
-    assert launched == ["_gemv_norm_kernel", "_norm_linear_kernel"], launched
+    if dl.kernels_usable(x):
+        assert launched == ["_gemv_norm_kernel", "_norm_linear_kernel"], launched
 
 
 def test_bad_inputs_name_the_argument(device):
