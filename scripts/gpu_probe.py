@@ -129,6 +129,7 @@ VARIANTS = {  # label: (environment, engine keywords)
     "gemv 8 warps tile 16k": ({"HF_EFFICIENT_GEMV_TILE": "16384", "HF_EFFICIENT_GEMV_WARPS": "8"}, {}),
     "gemv 4 warps tile 4k": ({"HF_EFFICIENT_GEMV_TILE": "4096"}, {}),
     "model forward": ({}, {"native": False}),
+    "auto": ({}, {"native": None}),
     "decode v1": ({"HF_EFFICIENT_PAGED_DECODE_VARIANT": "1"}, {}),
     "decode v2": ({"HF_EFFICIENT_PAGED_DECODE_VARIANT": "2"}, {}),
     "decode v4": ({"HF_EFFICIENT_PAGED_DECODE_VARIANT": "4"}, {}),

@@ -108,9 +108,31 @@ def test_unsupported_models_fall_back_with_a_reason():
         _engine(model, native="yes")
 
 
-def test_auto_choice_leaves_large_models_to_the_model_forward():
+def test_auto_choice_gives_large_models_native_steps_at_batch_1_only(monkeypatch):
+    """Above AUTO_MAX_HIDDEN the engine decodes natively at batch 1 (the one-row kernels) and leaves larger
+    buckets and prefill to the model's forward; without the one-row kernels it leaves everything to the forward."""
     model = tiny_model("llama", dtype=torch.float16, hidden_size=1088, intermediate_size=64).to(_device())
     assert unsupported_reason(model) is None
+    engine = DecodeEngine(model, max_batch=2, max_tokens=128, block_size=8, cuda_graphs=False, sync_every=2)
+    assert engine.stats.native_reason is None
+    buckets, forward = [], engine._native.forward
+
+    def spy(tokens, *args, **kwargs):
+        buckets.append(tokens.shape[0])
+        return forward(tokens, *args, **kwargs)
+
+    engine._native.forward = spy
+    prompts = _prompts([5, 9], model.config.vocab_size, seed=11)
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (3, 8)]
+    runs = [g[0] for g in engine.generate(prompts, params)]  # bucket 2 until the first request ends, then 1
+    assert [len(r.output) for r in runs] == [3, 8]
+    assert_within_noise(model, prompts, runs)
+    alone = engine.generate(prompts[:1], params[1])[0][0]
+    assert_within_noise(model, prompts[:1], [alone])
+    assert buckets and set(buckets) == {1}, buckets
+    assert engine.stats.native_prefills == 0
+    assert DecodeEngine(model, max_batch=2, max_tokens=64, native=True)._native_step(2)
+    monkeypatch.setenv("HF_EFFICIENT_GEMV", "0")
     assert "hidden_size 1088" in DecodeEngine(model, max_batch=1, max_tokens=64).stats.native_reason
     assert DecodeEngine(model, max_batch=1, max_tokens=64, native=True).stats.native_reason is None
 
