@@ -579,8 +579,8 @@ def _check_norm_linear(x, weights, norm_weight, biases) -> list:
     return biases
 
 
-GEMV_TILE = 8192  # weight elements (zero padding included) one one-row program holds
-GEMV_WARPS = 4
+GEMV_TILE = 16384  # weight elements (zero padding included) one one-row program holds (see docs/benchmarks/NOTES.md)
+GEMV_WARPS = 8
 GEMV_WARP_ELEMENTS = 4096  # at most this many per warp (128 per thread): more warps for longer rows
 GEMV_MAX_K = 16384
 
