@@ -116,9 +116,10 @@ class DecodeEngine:
         prefill_tokens: most prompt tokens prefilled in one forward.
         native: decode steps through the engine's fused kernels (:mod:`~hf_efficient.generation.native`) rather
             than the model's forward: ``None`` (default) when the model is supported, at batch buckets up to
-            ``native_max_batch`` and for prefill when it is small enough for them to win there (hidden size <=
+            ``native_max_batch`` when it is small enough for the kernels to win there (hidden size <=
             ``native.AUTO_MAX_HIDDEN``), at batch 1 only for larger models; ``True`` requires it (a ``ValueError``
-            says why not), ``False`` always runs the model's forward.
+            says why not), ``False`` always runs the model's forward. A prompt admitted alone is prefilled natively
+            whenever native steps run.
         native_max_batch: largest batch bucket decoded natively (larger buckets run the model's forward, where
             cuBLAS GEMMs beat the fused small-batch kernels).
         fused_layers: run the model's forward (prefill, and decode steps not served natively) with the
@@ -224,7 +225,7 @@ class DecodeEngine:
         key = native_structure_key(self.model)
         if key == self._checked:
             return
-        self._native_limit, self._native_prefill_ok = self.native_max_batch, True
+        self._native_limit = self.native_max_batch
         if self.native_request is False:
             reason = "disabled (native=False)"
         else:
@@ -232,10 +233,9 @@ class DecodeEngine:
             if reason is None and self.native_request is None:
                 beyond_one, reason = native_auto_reason(self.model)
                 self._native_limit = self.native_max_batch if beyond_one else 1
-                self._native_prefill_ok = beyond_one
                 if not beyond_one and reason is None:
-                    logger.info("native decode steps at batch 1 only (hidden size > %d); larger batches and prefill "
-                                "run the model's forward", AUTO_MAX_HIDDEN)
+                    logger.info("native decode steps at batch 1 only (hidden size > %d); larger batches run the "
+                                "model's forward", AUTO_MAX_HIDDEN)
             elif reason is not None and self.native_request:
                 raise ValueError(f"native=True, but the native decode step cannot serve this model: {reason}")
         if (reason is None) != (self._native is not None):  # switching paths: graphs captured the other one
@@ -394,8 +394,7 @@ class DecodeEngine:
         dev = self.device
         slots_t = torch.cat(slots)
         self.stats.prefill_tokens += len(ids)
-        if (self._native is not None and self._native_prefill_ok and len(groups) <= self.native_prefill_prompts
-                and len(ids) <= NATIVE_PREFILL_TOKENS):
+        if self._native is not None and len(groups) <= self.native_prefill_prompts and len(ids) <= NATIVE_PREFILL_TOKENS:
             logits = self._native_prefill(ids, torch.cat(pos), slots_t, last, [len(g[0].context) for g in groups])
             return self._first_tokens(groups, logits.float())
         plan = StepPlan(

@@ -33,11 +33,11 @@ from ..ops.decode_linear import gemv_plan, kernels_usable, linear_residual, norm
 from ..ops.paged_decode import paged_decode
 
 FAMILIES = ("llama", "mistral", "qwen2")
-#: Largest hidden size for which the engine picks the native step by itself at every small batch (and for
-#: prefill). Larger models get it at batch 1 only, where the one-row projection kernels stream the weights faster
-#: than cuBLAS; at batch 2-16 the GEMM tiles lose to cuBLAS there. Measured on an H200 (bench generate): a 1B
-#: Llama shape (hidden 2048) at batch 1 runs 943.7 tok/s native vs 543.3 with the model forward + fused_layers;
-#: with the earlier tile kernels at batch 1 it was 423 vs 509.
+#: Largest hidden size for which the engine picks the native step by itself at every small batch. Larger models
+#: get it at batch 1 only (and the native prefill of a prompt admitted alone), where the one-row projection kernels
+#: stream the weights faster than cuBLAS; at batch 2-16 the GEMM tiles lose to cuBLAS there. Measured on an H200
+#: (bench generate): a 1B Llama shape (hidden 2048) at batch 1 runs 943.7 tok/s native vs 543.3 with the model
+#: forward + fused_layers; with the earlier tile kernels at batch 1 it was 423 vs 509.
 AUTO_MAX_HIDDEN = 1024
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 #: Longest context attended without KV splits in a native step. Measured on an H200 at batch 1, SmolLM2 shape,

@@ -109,8 +109,9 @@ def test_unsupported_models_fall_back_with_a_reason():
 
 
 def test_auto_choice_gives_large_models_native_steps_at_batch_1_only(monkeypatch):
-    """Above AUTO_MAX_HIDDEN the engine decodes natively at batch 1 (the one-row kernels) and leaves larger
-    buckets and prefill to the model's forward; without the one-row kernels it leaves everything to the forward."""
+    """Above AUTO_MAX_HIDDEN the engine decodes natively at batch 1 (the one-row kernels; a prompt admitted alone is
+    prefilled natively too) and leaves larger buckets to the model's forward; without the one-row kernels it leaves
+    everything to the forward."""
     model = tiny_model("llama", dtype=torch.float16, hidden_size=1088, intermediate_size=64).to(_device())
     assert unsupported_reason(model) is None
     engine = DecodeEngine(model, max_batch=2, max_tokens=128, block_size=8, cuda_graphs=False, sync_every=2)
@@ -130,7 +131,7 @@ def test_auto_choice_gives_large_models_native_steps_at_batch_1_only(monkeypatch
     alone = engine.generate(prompts[:1], params[1])[0][0]
     assert_within_noise(model, prompts[:1], [alone])
     assert buckets and set(buckets) == {1}, buckets
-    assert engine.stats.native_prefills == 0
+    assert engine.stats.native_prefills == 1  # the prompt admitted alone
     assert DecodeEngine(model, max_batch=2, max_tokens=64, native=True)._native_step(2)
     monkeypatch.setenv("HF_EFFICIENT_GEMV", "0")
     assert "hidden_size 1088" in DecodeEngine(model, max_batch=1, max_tokens=64).stats.native_reason
