@@ -12,6 +12,9 @@ of mostly idle GPU. These ops merge them into four, each reading the layer's wei
 * :func:`rope_store` — rotary embedding of q and k computed from the positions and ``inv_freq`` in the kernel,
   rotated q written out, rotated k and v written to their paged-cache slots.
 
+At one row (batch-1 decode) the first two run as one-row kernels (:func:`gemv_plan`): whole weight rows per program,
+products and sums on the CUDA cores, no split of K; more rows run as tensor-core tiles with a deterministic split-K.
+
 Rounding follows transformers' module order (norm in fp32, cast, times weight; SiLU output rounded before the
 product; the projection rounded before the residual add), so results match the modules to bf16 noise.
 
