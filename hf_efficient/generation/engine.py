@@ -34,7 +34,7 @@ from ..cache.paged import PagedCache, StepPlan
 from ..ops import precompile
 from . import step_kernels
 from .native import AUTO_MAX_HIDDEN, NATIVE_PREFILL_TOKENS, SHORT_CONTEXT, NativeDecoder
-from .native import auto_reason as native_auto_reason
+from .native import auto_choice as native_auto_choice
 from .native import structure_key as native_structure_key
 from .native import unsupported_reason as native_unsupported_reason
 from .sampling import BatchSampler, SamplingParams, StopStringMatcher, h2d
@@ -231,8 +231,8 @@ class DecodeEngine:
         else:
             reason = native_unsupported_reason(self.model)
             if reason is None and self.native_request is None:
-                beyond_one, reason = native_auto_reason(self.model)
-                self._native_limit = self.native_max_batch if beyond_one else 1
+                beyond_one, reason = native_auto_choice(self.model)
+                self._native_limit = self.native_max_batch if beyond_one else min(1, self.native_max_batch)
                 if not beyond_one and reason is None:
                     logger.info("native decode steps at batch 1 only (hidden size > %d); larger batches run the "
                                 "model's forward", AUTO_MAX_HIDDEN)

@@ -127,7 +127,7 @@ def structure_key(model) -> tuple:
     return tuple(out)
 
 
-def auto_reason(model) -> tuple[bool, str | None]:
+def auto_choice(model) -> tuple[bool, str | None]:
     """For a supported model: (whether the engine picks the native step by itself beyond batch 1, why not at
     all (None: it does, at least at batch 1))."""
     cfg = model.config.get_text_config(decoder=True)
