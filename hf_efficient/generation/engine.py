@@ -645,18 +645,10 @@ class DecodeEngine:
                 use_cache=True, logits_to_keep=1,
             )
             logits = out.logits[:, -1]
-        if self.fused_step and greedy_only and skip_penalty:  # the sampler's greedy fast path and the commit
-            step_kernels.greedy_commit(
-                logits, self.sampler.steps[:b], self.sampler.seen[:b], self.tokens[:b], self.positions[:b],
-                self.active[:b], self.history[:b], self.history_lp[:b], self.hist_idx, self._commit_count,
-            )
-            return
-        tok, lp = self.sampler.sample(
-            logits, slots=None, greedy_only=greedy_only, skip_penalty=skip_penalty,
-            candidates=candidates, logprobs="raw",
-        )
-        step_kernels.commit_reference(tok, lp, self.tokens[:b], self.positions[:b], self.active[:b], self.history[:b],
-                                      self.history_lp[:b], self.hist_idx)
+        commit = step_kernels.StepCommit(self.tokens[:b], self.positions[:b], self.active[:b], self.history[:b],
+                                         self.history_lp[:b], self.hist_idx, self._commit_count)
+        self.sampler.sample_commit(logits, commit, greedy_only=greedy_only, skip_penalty=skip_penalty,
+                                   candidates=candidates, fused=self.fused_step)
 
     def _capture(self, key) -> torch.cuda.CUDAGraph:
         if key[0] == "prefill":

@@ -761,6 +761,25 @@ class BatchSampler:
             return tokens, raw
         return tokens, proc_lp, raw
 
+    def sample_commit(self, logits: torch.Tensor, commit, *, greedy_only: bool = False, skip_penalty: bool = False,
+                      candidates: int | None = None, fused: bool = False) -> None:
+        """:meth:`sample` over slots ``0..B-1`` with raw logprobs, then ``commit.apply(tokens, logprobs)`` (a
+        :class:`~hf_efficient.generation.step_kernels.StepCommit`: the engine's decode step).
+
+        ``fused``: when the greedy fast path applies (``greedy_only`` and ``skip_penalty``), one kernel
+        (``step_kernels.greedy_commit``) draws, counts the step, marks the token seen and commits; same tokens and
+        state, logprobs to float32 rounding. Callers pass it where Triton can run (``step_kernels.usable``)."""
+        b = logits.shape[0]
+        if fused and greedy_only and skip_penalty:
+            from .step_kernels import greedy_commit  # (step_kernels imports this module)
+
+            self._check_logits(logits)
+            greedy_commit(logits, self.steps[:b], self.seen[:b], commit)
+            return
+        tok, lp = self.sample(logits, greedy_only=greedy_only, skip_penalty=skip_penalty, candidates=candidates,
+                              logprobs="raw")
+        commit.apply(tok, lp)
+
     @staticmethod
     def raw_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """``log_softmax(logits.float())[row, tokens[row]]`` as float32 ``(B,)`` (the model's own logprob)."""

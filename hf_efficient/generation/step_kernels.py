@@ -20,6 +20,7 @@ Each has a plain-PyTorch reference (the engine's own ops) that the tests compare
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -33,8 +34,8 @@ try:
 except ImportError:  # pragma: no cover - Linux installs carry triton
     triton = None
 
-__all__ = ["enabled", "usable", "step_inputs", "step_inputs_reference", "greedy_commit", "greedy_commit_reference",
-           "commit_reference"]
+__all__ = ["enabled", "usable", "step_inputs", "step_inputs_reference", "StepCommit", "greedy_commit",
+           "greedy_commit_reference"]
 
 
 def enabled() -> bool:
@@ -59,23 +60,36 @@ def step_inputs_reference(positions, block_table, block_size: int, seqlens_out, 
     slots_out.copy_(blk * block_size + positions % block_size)
 
 
-def commit_reference(tok, lp, tokens, positions, active, history, history_lp, hist_idx) -> None:
-    """The step's commit: next input token, position, history column (the engine's path for every sampler mode)."""
-    b = tok.shape[0]
-    tokens.copy_(tok)
-    positions += active
-    history.scatter_(1, hist_idx.expand(b, 1), tok[:, None])
-    history_lp.scatter_(1, hist_idx.expand(b, 1), lp[:, None].float())
-    hist_idx += 1
+@dataclass
+class StepCommit:
+    """Where a decode step's sampled tokens go (the engine's buffers, first B rows): the next input ``tokens`` and
+    ``positions`` (advanced by ``active``), and the ``history`` / ``history_lp`` column ``hist_idx``, which then
+    advances. ``counter``: one int32, zero between calls (the fused kernel's arrival counter)."""
+
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    active: torch.Tensor
+    history: torch.Tensor
+    history_lp: torch.Tensor
+    hist_idx: torch.Tensor
+    counter: torch.Tensor
+
+    def apply(self, tok: torch.Tensor, lp: torch.Tensor) -> None:
+        """The commit in PyTorch ops (the engine's path for every sampler mode but the fused greedy one)."""
+        b = tok.shape[0]
+        self.tokens.copy_(tok)
+        self.positions += self.active
+        self.history.scatter_(1, self.hist_idx.expand(b, 1), tok[:, None])
+        self.history_lp.scatter_(1, self.hist_idx.expand(b, 1), lp[:, None].float())
+        self.hist_idx += 1
 
 
-def greedy_commit_reference(logits, steps, seen, tokens, positions, active, history, history_lp, hist_idx) -> None:
-    """The sampler's greedy fast path (argmax, step counter, seen set; raw logprob) then :func:`commit_reference`."""
+def greedy_commit_reference(logits, steps, seen, commit: StepCommit) -> None:
+    """The sampler's greedy fast path (argmax, step counter, seen set; raw logprob) then ``commit.apply``."""
     tok = logits.to(torch.float32).argmax(dim=-1)
     steps += 1
     seen.index_put_((torch.arange(tok.shape[0], device=tok.device), tok), torch.ones_like(tok, dtype=torch.bool))
-    lp = BatchSampler.raw_logprobs(logits, tok)
-    commit_reference(tok, lp, tokens, positions, active, history, history_lp, hist_idx)
+    commit.apply(tok, BatchSampler.raw_logprobs(logits, tok))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,22 +159,23 @@ def step_inputs(positions, block_table, block_size: int, seqlens_out, slots_out)
                    BLOCK=max(16, triton.next_power_of_2(b)), num_warps=1)
 
 
-def greedy_commit(logits, steps, seen, tokens, positions, active, history, history_lp, hist_idx, counter) -> None:
-    """The greedy fast path of a step and its commit in one kernel (see the module docstring).
+def greedy_commit(logits, steps, seen, commit: StepCommit) -> None:
+    """The greedy fast path of a step and its commit in one kernel (see the module docstring); called by
+    :meth:`BatchSampler.sample_commit <hf_efficient.generation.sampling.BatchSampler.sample_commit>`.
 
     logits ``(B, V)`` float; steps ``(>= B,)`` int64 view (any stride): the sampler's step counters; seen
-    ``(>= B, V)`` bool; tokens / positions / active ``(>= B,)`` int64; history ``(>= B, W)`` int64 and history_lp
-    ``(>= B, W)`` float32 with equal strides; hist_idx one int64 (the column); counter one int32, zero between
-    calls (the kernel leaves it zero)."""
+    ``(>= B, V)`` bool; the commit's tokens / positions / active ``(>= B,)`` int64, history ``(>= B, W)`` int64
+    and history_lp ``(>= B, W)`` float32 with equal strides."""
     b, v = logits.shape
     if b == 0:
         return
-    if not (logits.stride(1) == 1 and seen.stride(1) == 1 and history.stride() == history_lp.stride()
-            and history.stride(1) == 1):
+    c = commit
+    if not (logits.stride(1) == 1 and seen.stride(1) == 1 and c.history.stride() == c.history_lp.stride()
+            and c.history.stride(1) == 1):
         raise ValueError("greedy_commit: logits, seen and the history buffers need a unit last stride, and "
                          "history / history_lp equal strides")
     _greedy_commit_kernel[(b,)](
-        logits, logits.stride(0), v, steps, steps.stride(0), seen.view(torch.uint8), seen.stride(0), tokens,
-        positions, active, history, history_lp, history.stride(0), hist_idx, counter, b,
+        logits, logits.stride(0), v, steps, steps.stride(0), seen.view(torch.uint8), seen.stride(0), c.tokens,
+        c.positions, c.active, c.history, c.history_lp, c.history.stride(0), c.hist_idx, c.counter, b,
         BLOCK=min(16384, triton.next_power_of_2(v)), num_warps=16 if v > 4096 else 4,
     )

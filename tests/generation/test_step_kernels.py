@@ -38,6 +38,11 @@ def _state(b, vocab, width, g):
     )
 
 
+def _commit(state, counter):
+    return sk.StepCommit(state["tokens"], state["positions"], state["active"], state["history"],
+                         state["history_lp"], state["hist_idx"], counter)
+
+
 @pytest.mark.parametrize("b,vocab", [(1, 40000), (3, 4096), (4, 300)])
 def test_greedy_commit_matches_the_sampler_and_commit_ops(b, vocab):
     """Same tokens (first maximum on ties, also across 16384-wide blocks), step counters, seen sets, positions and
@@ -56,8 +61,8 @@ def test_greedy_commit_matches_the_sampler_and_commit_ops(b, vocab):
     ours["steps"] = parent[:, 2]
     assert ours["steps"].stride(0) == 4
     counter = torch.zeros(1, dtype=torch.int32)
-    sk.greedy_commit(logits, **ours, counter=counter)
-    sk.greedy_commit_reference(logits, **ref)
+    sk.greedy_commit(logits, ours["steps"], ours["seen"], _commit(ours, counter))
+    sk.greedy_commit_reference(logits, ref["steps"], ref["seen"], _commit(ref, torch.zeros(1, dtype=torch.int32)))
     assert ours["tokens"][0].item() == 7
     for k in ("steps", "seen", "tokens", "positions", "history", "hist_idx"):
         assert torch.equal(ours[k], ref[k]), k
@@ -69,7 +74,7 @@ def test_greedy_commit_rejects_strided_logits():
     g = torch.Generator().manual_seed(0)
     st = _state(2, 64, 4, g)
     with pytest.raises(ValueError, match="unit last stride"):
-        sk.greedy_commit(torch.randn(64, 2).t(), **st, counter=torch.zeros(1, dtype=torch.int32))
+        sk.greedy_commit(torch.randn(64, 2).t(), st["steps"], st["seen"], _commit(st, torch.zeros(1, dtype=torch.int32)))
 
 
 def test_engine_with_fused_step_gives_the_same_tokens_and_logprobs(monkeypatch):
