@@ -26,21 +26,10 @@ import triton
 import triton.language as tl
 
 from . import precompile
+from .rmsnorm import interpreting
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    if os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return False
-    if type(tl.zeros).__name__ != "InterpretedFunction":
-        raise RuntimeError(
-            "TRITON_INTERPRET=1 was set after triton had been imported (transformers and "
-            "torch._dynamo import it); set it before the first import, e.g. in the environment "
-            "or at the top of the root conftest")
-    return True
 
 
 def autotune_enabled() -> bool:

@@ -67,8 +67,16 @@ _FUSABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``). Raises when the variable
+    was set after triton's import, which the interpreter does not notice (kernels would then need a GPU)."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return False
+    if type(tl.zeros).__name__ != "InterpretedFunction":
+        raise RuntimeError(
+            "TRITON_INTERPRET=1 was set after triton had been imported (transformers and "
+            "torch._dynamo import it); set it before the first import, e.g. in the environment "
+            "or at the top of the root conftest")
+    return True
 
 
 def fusable(*tensors: torch.Tensor) -> bool:
