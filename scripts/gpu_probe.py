@@ -129,6 +129,8 @@ VARIANTS = {  # label: (environment, engine keywords)
     "gemv 8 warps tile 16k": ({"HF_EFFICIENT_GEMV_TILE": "16384", "HF_EFFICIENT_GEMV_WARPS": "8"}, {}),
     "gemv 4 warps tile 4k": ({"HF_EFFICIENT_GEMV_TILE": "4096", "HF_EFFICIENT_GEMV_WARPS": "4"}, {}),
     "gemv 4 warps tile 8k": ({"HF_EFFICIENT_GEMV_TILE": "8192", "HF_EFFICIENT_GEMV_WARPS": "4"}, {}),
+    "gemv 16 warps tile 32k": ({"HF_EFFICIENT_GEMV_TILE": "32768", "HF_EFFICIENT_GEMV_WARPS": "16"}, {}),
+    "gemv persistent": ({"HF_EFFICIENT_GEMV_PERSISTENT": "1"}, {}),
     "model forward": ({}, {"native": False}),
     "auto": ({}, {"native": None}),
     "decode v1": ({"HF_EFFICIENT_PAGED_DECODE_VARIANT": "1"}, {}),
@@ -136,7 +138,7 @@ VARIANTS = {  # label: (environment, engine keywords)
     "decode v4": ({"HF_EFFICIENT_PAGED_DECODE_VARIANT": "4"}, {}),
 }
 KNOBS = ("HF_EFFICIENT_PDL", "HF_EFFICIENT_GEMV", "HF_EFFICIENT_GEMV_TILE",
-         "HF_EFFICIENT_GEMV_WARPS", "HF_EFFICIENT_FUSED_ROPE", "HF_EFFICIENT_PREFETCH_TILE",
+         "HF_EFFICIENT_GEMV_WARPS", "HF_EFFICIENT_GEMV_PERSISTENT", "HF_EFFICIENT_FUSED_ROPE", "HF_EFFICIENT_PREFETCH_TILE",
          "HF_EFFICIENT_PAGED_DECODE_VARIANT", "HF_EFFICIENT_FUSED_STEP")
 # PROBE_LABELS="default,fused step off": run only these variants (PROBE_LABELS_LLAMA1B etc.: for one shape); PROBE_LIGHT=1: skip the host-phase and timeline
 # parts (tok/s and replay times only)

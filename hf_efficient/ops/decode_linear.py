@@ -320,29 +320,39 @@ if triton is not None:
         return tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
 
     @triton.jit
-    def _gemv_norm_kernel(
-        X, NW, W0, W1, W2, B0, B1, B2, Y, K, N0, N1, T0, T1, N2, eps,
-        POS, INV, KP, VP, SLOTS, scaling, HK,
-        HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-        PDL: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr,
-    ):
-        """One row (M == 1): RMSNorm then W0/W1/W2 side by side, each program BLOCK_R whole weight rows, fetched
-        before waiting for the previous kernel; no split of K, so no fix-up. With ROPE (q/k/v), a program holds
-        BLOCK_R rotary pairs of one head, rows j and j + HALF, and writes q or the K/V cache slot itself."""
-        pid = tl.program_id(0)
-        if pid < T0:
+    def _side_by_side(t, T0, T1, N0, N1, N2, W0, W1, W2, B0, B1, B2):
+        """Output tile ``t`` of up to three weights side by side (T0 tiles of W0, then T1 of W1, then W2's): its
+        weight, bias, tile index within that weight, the weight's rows and its first output column."""
+        if t < T0:
             w_ptr = W0
             b_ptr = B0
-        elif pid < T0 + T1:
+        elif t < T0 + T1:
             w_ptr = W1
             b_ptr = B1
         else:
             w_ptr = W2
             b_ptr = B2
-        in1 = pid >= T0
-        in2 = pid >= T0 + T1
-        tile = pid - tl.where(in2, T0 + T1, tl.where(in1, T0, 0))
+        in1 = t >= T0
+        in2 = t >= T0 + T1
+        tile = t - tl.where(in2, T0 + T1, tl.where(in1, T0, 0))
         n_size = tl.where(in2, N2, tl.where(in1, N1, N0))
+        col0 = tl.where(in2, N0 + N1, tl.where(in1, N0, 0))
+        return w_ptr, b_ptr, tile, n_size, col0
+
+    @triton.jit
+    def _gemv_norm_kernel(
+        X, NW, W0, W1, W2, B0, B1, B2, Y, K, N0, N1, T0, T1, N2, eps,
+        POS, INV, KP, VP, SLOTS, scaling, HK,
+        HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+        PDL: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr, PERSIST: tl.constexpr,
+    ):
+        """One row (M == 1): RMSNorm then W0/W1/W2 side by side, each program BLOCK_R whole weight rows, fetched
+        before waiting for the previous kernel; no split of K, so no fix-up. With ROPE (q/k/v), a program holds
+        BLOCK_R rotary pairs of one head, rows j and j + HALF, and writes q or the K/V cache slot itself.
+        PERSIST (not with ROPE): each program walks tiles pid, pid + programs, ..., loading the next tile's
+        weights while it multiplies the current one."""
+        pid = tl.program_id(0)
+        w_ptr, b_ptr, tile, n_size, col0 = _side_by_side(pid, T0, T1, N0, N1, N2, W0, W1, W2, B0, B1, B2)
         dt = Y.dtype.element_ty
         if ROPE:
             per_head: tl.constexpr = HALF // BLOCK_R
@@ -365,6 +375,24 @@ if triton is not None:
             xf = x.to(tl.float32)
             r = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / K + eps)
             x = (nw.to(tl.float32) * (xf * r).to(dt).to(tl.float32)).to(dt)
+        if PERSIST:
+            n_tiles = T0 + T1 + tl.cdiv(N2, BLOCK_R)
+            step = tl.num_programs(0)
+            for t in range(pid, n_tiles, step):
+                # the next tile's weights first (in flight while this tile is multiplied and stored)
+                wn_ptr, _, tile_n, n_size_n, _ = _side_by_side(t + step, T0, T1, N0, N1, N2, W0, W1, W2, B0, B1, B2)
+                rn = tile_n * BLOCK_R + tl.arange(0, BLOCK_R)
+                # past the last tile: rows past the last weight's end (masked)
+                w_next = _gemv_rows(wn_ptr, rn, rn < n_size_n, K, BLOCK_K)
+                w_ptr, b_ptr, tile, n_size, col0 = _side_by_side(t, T0, T1, N0, N1, N2, W0, W1, W2, B0, B1, B2)
+                ra = tile * BLOCK_R + tl.arange(0, BLOCK_R)
+                ok = ra < n_size
+                acc = _gemv_dot(wa, x)
+                if HAS_BIAS:
+                    acc += tl.load(b_ptr + ra, mask=ok, other=0.0).to(tl.float32)
+                tl.store(Y + col0 + ra, acc.to(dt), mask=ok)
+                wa = w_next
+            return
         acc = _gemv_dot(wa, x)
         if HAS_BIAS:
             acc += tl.load(b_ptr + ra, mask=ok, other=0.0).to(tl.float32)
@@ -394,18 +422,18 @@ if triton is not None:
                     tl.store(VP + offs, o1.to(VP.dtype.element_ty))
                     tl.store(VP + offs + HALF, o2.to(VP.dtype.element_ty))
         else:
-            col0 = tl.where(in2, N0 + N1, tl.where(in1, N0, 0))
             tl.store(Y + col0 + ra, acc.to(dt), mask=ok)
 
     @triton.jit
     def _gemv_residual_kernel(
         X, W, R, Y, K, N,
         SILU_MUL: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-        PDL: tl.constexpr,
+        PDL: tl.constexpr, PERSIST: tl.constexpr,
     ):
         """One row (M == 1) of :func:`linear_residual`: BLOCK_R whole weight rows per program, fetched before
-        waiting for the previous kernel; no split of K."""
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        waiting for the previous kernel; no split of K. PERSIST: as in ``_gemv_norm_kernel``."""
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
         ok = rows < N
         kk = tl.arange(0, BLOCK_K)
         k_ok = kk < K
@@ -418,6 +446,19 @@ if triton is not None:
             g = x.to(tl.float32)
             act = (g / (1.0 + tl.exp(-g))).to(dt)
             x = (act.to(tl.float32) * up.to(tl.float32)).to(dt)
+        if PERSIST:
+            step = tl.num_programs(0)
+            for t in range(pid, tl.cdiv(N, BLOCK_R), step):
+                rn = (t + step) * BLOCK_R + tl.arange(0, BLOCK_R)
+                w_next = _gemv_rows(W, rn, rn < N, K, BLOCK_K)  # in flight while this tile is finished
+                rows = t * BLOCK_R + tl.arange(0, BLOCK_R)
+                _gemv_residual_store(w, x, R, Y, rows, rows < N, HAS_RES, dt)
+                w = w_next
+        else:
+            _gemv_residual_store(w, x, R, Y, rows, ok, HAS_RES, dt)
+
+    @triton.jit
+    def _gemv_residual_store(w, x, R, Y, rows, ok, HAS_RES: tl.constexpr, dt):
         out = _gemv_dot(w, x).to(dt)
         if HAS_RES:
             res = tl.load(R + rows, mask=ok, other=0.0)
@@ -606,6 +647,19 @@ def gemv_plan(m: int, k: int, pairs: bool = False) -> tuple[int, int, int] | Non
     return rows, bk, warps
 
 
+GEMV_PERSISTENT_PER_SM = 2
+
+
+def _gemv_programs(tiles: int, device: torch.device, allowed: bool = True) -> tuple[int, bool]:
+    """(programs, persistent) for ``tiles`` one-row tiles. ``HF_EFFICIENT_GEMV_PERSISTENT=1`` (a variant, off by
+    default, not yet measured on a GPU): at most ``GEMV_PERSISTENT_PER_SM`` programs per SM, each walking several
+    tiles and loading the next one's weights while it multiplies the current one."""
+    if not allowed or os.environ.get("HF_EFFICIENT_GEMV_PERSISTENT", "0") != "1":
+        return tiles, False
+    programs = min(tiles, GEMV_PERSISTENT_PER_SM * num_sms(device))
+    return programs, programs < tiles
+
+
 def _launch_norm_linear(x, weights, norm_weight, eps, biases, y, ns, rope=None):
     m, k = x.shape
     if m == 0:
@@ -660,14 +714,15 @@ def _launch_gemv_norm(x, weights, norm_weight, eps, biases, y, ns, rope, pdl, ro
     ws = list(weights) + [weights[0]] * (3 - len(weights))
     has_bias, bs = _bias_args(biases, weights, x.dtype, x.device)
     r = rope or {}
+    programs, persist = _gemv_programs(t0 + t1 + t2, x.device, allowed=rope is None)
     precompile.run(
-        _gemv_norm_kernel, (t0 + t1 + t2,),
+        _gemv_norm_kernel, (programs,),
         x, norm_weight if norm_weight is not None else x, *ws, *bs, y,
         k, ns[0], ns[1], t0, t1, ns[2], float(eps),
         r.get("positions", y), r.get("inv_freq", y), r.get("k_pool", y), r.get("v_pool", y), r.get("slots", y),
         float(r.get("scaling", 1.0)), int(r.get("nheads_k", 1)),
         HAS_NORM=norm_weight is not None, HAS_BIAS=has_bias, BLOCK_R=rows, BLOCK_K=bk, **_pdl_kw(pdl),
-        ROPE=rope is not None, HALF=r.get("head_dim", 2) // 2, num_warps=warps,
+        ROPE=rope is not None, HALF=r.get("head_dim", 2) // 2, PERSIST=persist, num_warps=warps, num_stages=1,
     )
     return y
 
@@ -745,10 +800,11 @@ def linear_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tenso
     gemv = gemv_plan(m, k)
     if gemv is not None:
         rows, bk, warps = gemv
+        programs, persist = _gemv_programs(triton.cdiv(n, rows), x.device)
         precompile.run(
-            _gemv_residual_kernel, (triton.cdiv(n, rows),), x, weight, residual if residual is not None else y, y,
+            _gemv_residual_kernel, (programs,), x, weight, residual if residual is not None else y, y,
             k, n, SILU_MUL=silu_mul, HAS_RES=residual is not None, BLOCK_R=rows, BLOCK_K=bk, **_pdl_kw(pdl),
-            num_warps=warps,
+            PERSIST=persist, num_warps=warps, num_stages=1,
         )
         return y
     bm, bn, bk, warps, stages, split, k_per = tiles(m, n, k, x.device, prefetch=_prefetch(x.device))

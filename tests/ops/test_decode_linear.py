@@ -188,10 +188,16 @@ def launched(monkeypatch):
 
 @pytest.mark.parametrize("dtype", _dtypes())
 @pytest.mark.parametrize("k,bias", [(88, True), (600, False), (1000, True), (9000, False)])
-def test_one_row_kernels(device, dtype, launched, k, bias):
+@pytest.mark.parametrize("persistent", ["0", "1"])
+def test_one_row_kernels(device, dtype, launched, monkeypatch, k, bias, persistent):
     """Batch-1 decode (one row) runs the one-row kernels (whole weight rows per program, no split of K): as accurate
-    as PyTorch against float64, for K padded to a power of two, K above one tile (9000: one row per program, several warps),
-    biases, the SiLU-mul input and the residual written in place."""
+    as PyTorch against float64, for K padded to a power of two, K above one tile (9000: one row per program, several
+    warps), biases, the SiLU-mul input and the residual written in place; also with persistent programs that walk
+    several tiles (the first SMs' worth of programs; tiles across the weights' boundaries)."""
+    monkeypatch.setenv("HF_EFFICIENT_GEMV_PERSISTENT", persistent)
+    if persistent == "1":
+        monkeypatch.setattr(dl, "GEMV_PERSISTENT_PER_SM", 3)  # 3 programs on the interpreter's one "SM"
+        assert dl._gemv_programs(10, torch.device(device)) == (min(10, 3 * dl.num_sms(torch.device(device))), True)
     assert dl.gemv_plan(1, k) is not None and dl.gemv_plan(2, k) is None
     r = _gen(k + bias)
     (x64, nw64, ws64, bs64), (x, nw, ws, bs) = _projection_inputs(r, 1, k, (72, 24, 40), bias, device, dtype)
