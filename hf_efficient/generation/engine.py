@@ -83,6 +83,7 @@ class EngineStats:
     graph_buckets: list[int] = field(default_factory=list)
     eager_reason: str | None = None
     native_reason: str | None = None  # why decode steps run the model's forward (None: native fused kernels)
+    native_max_batch: int = 0  # largest batch bucket decoded natively (0: none; larger ones run the model's forward)
 
 
 #: context-length classes of captured native decode steps
@@ -244,6 +245,7 @@ class DecodeEngine:
         if reason is not None and reason != self.stats.native_reason and self.native_request is not False:
             logger.info("decode steps run the model's forward: %s", reason)
         self.stats.native_reason = reason
+        self.stats.native_max_batch = self._native_limit if reason is None else 0
         self._checked = key
 
     _checked: tuple | None = None

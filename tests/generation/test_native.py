@@ -115,7 +115,7 @@ def test_auto_choice_gives_large_models_native_steps_at_batch_1_only(monkeypatch
     model = tiny_model("llama", dtype=torch.float16, hidden_size=1088, intermediate_size=64).to(_device())
     assert unsupported_reason(model) is None
     engine = DecodeEngine(model, max_batch=2, max_tokens=128, block_size=8, cuda_graphs=False, sync_every=2)
-    assert engine.stats.native_reason is None
+    assert engine.stats.native_reason is None and engine.stats.native_max_batch == 1
     buckets, forward = [], engine._native.forward
 
     def spy(tokens, *args, **kwargs):
@@ -134,7 +134,8 @@ def test_auto_choice_gives_large_models_native_steps_at_batch_1_only(monkeypatch
     assert engine.stats.native_prefills == 1  # the prompt admitted alone
     assert DecodeEngine(model, max_batch=2, max_tokens=64, native=True)._native_step(2)
     monkeypatch.setenv("HF_EFFICIENT_GEMV", "0")
-    assert "hidden_size 1088" in DecodeEngine(model, max_batch=1, max_tokens=64).stats.native_reason
+    stats = DecodeEngine(model, max_batch=1, max_tokens=64).stats
+    assert "hidden_size 1088" in stats.native_reason and stats.native_max_batch == 0
     assert DecodeEngine(model, max_batch=1, max_tokens=64, native=True).stats.native_reason is None
 
 
