@@ -166,20 +166,7 @@ if triton is not None:
         pid_n = tl.program_id(1)
         pid_s = tl.program_id(2)
         # Output tiles run over W0's rows, then W1's, then W2's; a tile never straddles two weights.
-        if pid_n < T0:
-            w_ptr = W0
-            b_ptr = B0
-        elif pid_n < T0 + T1:
-            w_ptr = W1
-            b_ptr = B1
-        else:
-            w_ptr = W2
-            b_ptr = B2
-        in1 = pid_n >= T0
-        in2 = pid_n >= T0 + T1
-        tile = pid_n - tl.where(in2, T0 + T1, tl.where(in1, T0, 0))
-        n_size = tl.where(in2, N2, tl.where(in1, N1, N0))
-        col0 = tl.where(in2, N0 + N1, tl.where(in1, N0, 0))
+        w_ptr, b_ptr, tile, n_size, col0 = _side_by_side(pid_n, T0, T1, N0, N1, N2, W0, W1, W2, B0, B1, B2)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
