@@ -327,6 +327,14 @@ if triton is not None:
         return w_ptr, b_ptr, tile, n_size, col0
 
     @triton.jit
+    def _gemv_biased(w, x, b_ptr, rows, ok, HAS_BIAS: tl.constexpr):
+        """:func:`_gemv_dot` plus the rows' biases (fp32)."""
+        acc = _gemv_dot(w, x)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+        return acc
+
+    @triton.jit
     def _gemv_norm_kernel(
         X, NW, W0, W1, W2, B0, B1, B2, Y, K, N0, N1, T0, T1, N2, eps,
         POS, INV, KP, VP, SLOTS, scaling, HK,
@@ -374,19 +382,11 @@ if triton is not None:
                 w_ptr, b_ptr, tile, n_size, col0 = _side_by_side(t, T0, T1, N0, N1, N2, W0, W1, W2, B0, B1, B2)
                 ra = tile * BLOCK_R + tl.arange(0, BLOCK_R)
                 ok = ra < n_size
-                acc = _gemv_dot(wa, x)
-                if HAS_BIAS:
-                    acc += tl.load(b_ptr + ra, mask=ok, other=0.0).to(tl.float32)
-                tl.store(Y + col0 + ra, acc.to(dt), mask=ok)
+                tl.store(Y + col0 + ra, _gemv_biased(wa, x, b_ptr, ra, ok, HAS_BIAS).to(dt), mask=ok)
                 wa = w_next
-            return
-        acc = _gemv_dot(wa, x)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + ra, mask=ok, other=0.0).to(tl.float32)
-        if ROPE:
-            acc_b = _gemv_dot(wb, x)
-            if HAS_BIAS:
-                acc_b += tl.load(b_ptr + ra + HALF, mask=ok, other=0.0).to(tl.float32)
+        elif ROPE:
+            acc = _gemv_biased(wa, x, b_ptr, ra, ok, HAS_BIAS)
+            acc_b = _gemv_biased(wb, x, b_ptr, ra + HALF, ok, HAS_BIAS)
             x1 = acc.to(dt).to(tl.float32)
             x2 = acc_b.to(dt).to(tl.float32)
             D: tl.constexpr = 2 * HALF
@@ -409,7 +409,7 @@ if triton is not None:
                     tl.store(VP + offs, o1.to(VP.dtype.element_ty))
                     tl.store(VP + offs + HALF, o2.to(VP.dtype.element_ty))
         else:
-            tl.store(Y + col0 + ra, acc.to(dt), mask=ok)
+            tl.store(Y + col0 + ra, _gemv_biased(wa, x, b_ptr, ra, ok, HAS_BIAS).to(dt), mask=ok)
 
     @triton.jit
     def _gemv_residual_kernel(
