@@ -1,11 +1,12 @@
 """Decode-step probe for tuning on the GPU (not a benchmark of record: random-init models, no anchors).
 
-For the SmolLM2 shape and the 1B Llama shape at batch 1 it times engine variants (``VARIANTS``: programmatic
-dependent launch off, rotary as its own kernel, larger prefetch tiles, one-row kernels off or retiled, the model's
-forward instead of the native step, no run-ahead, forced
-attention-kernel variants, fused step bookkeeping off): tokens/s of one 256-token greedy call, back-to-back replays of the captured step, and the
-GPU timeline of one call from the profiler: busy time, the idle gaps between kernels, and the host functions
-running during the largest gaps. Writes ``probe.json`` (and a gzipped trace of one call) into the given folder.
+For the SmolLM2 shape and the 1B Llama shape it times engine variants (``VARIANTS``, batch 1 unless named:
+programmatic dependent launch off, rotary as its own kernel, larger prefetch tiles, one-row kernels off or retiled,
+the model's forward instead of the native step, no run-ahead, forced attention-kernel variants, fused step
+bookkeeping off; batches of 2 and 4 with the one-row kernels, the tile kernels or the model's forward): tokens/s of
+one 256-token greedy call, back-to-back replays of the captured step, and at batch 1 the GPU timeline of one call
+from the profiler: busy time, the idle gaps between kernels, and the host functions running during the largest
+gaps. Writes ``probe.json`` (and a gzipped trace of one call) into the given folder.
 
     python scripts/gpu_probe.py OUT_DIR
 """
@@ -136,8 +137,16 @@ VARIANTS = {  # label: (environment, engine keywords)
     "decode v1": ({"HF_EFFICIENT_PAGED_DECODE_VARIANT": "1"}, {}),
     "decode v2": ({"HF_EFFICIENT_PAGED_DECODE_VARIANT": "2"}, {}),
     "decode v4": ({"HF_EFFICIENT_PAGED_DECODE_VARIANT": "4"}, {}),
+    # small batches (B prompts decoded together; tok/s counts all of them): the one-row kernels at B rows vs the
+    # tile kernels vs the model's forward, and what the automatic choice picks
+    "batch 2": ({}, {"batch": 2}),
+    "batch 2 tile kernels": ({"HF_EFFICIENT_GEMV_MAX_M": "1"}, {"batch": 2}),
+    "batch 4": ({}, {"batch": 4}),
+    "batch 4 tile kernels": ({"HF_EFFICIENT_GEMV_MAX_M": "1"}, {"batch": 4}),
+    "batch 4 model forward": ({}, {"batch": 4, "native": False}),
+    "batch 4 auto": ({}, {"batch": 4, "native": None}),
 }
-KNOBS = ("HF_EFFICIENT_PDL", "HF_EFFICIENT_GEMV", "HF_EFFICIENT_GEMV_TILE",
+KNOBS = ("HF_EFFICIENT_PDL", "HF_EFFICIENT_GEMV", "HF_EFFICIENT_GEMV_TILE", "HF_EFFICIENT_GEMV_MAX_M",
          "HF_EFFICIENT_GEMV_WARPS", "HF_EFFICIENT_GEMV_PERSISTENT", "HF_EFFICIENT_FUSED_ROPE", "HF_EFFICIENT_PREFETCH_TILE",
          "HF_EFFICIENT_PAGED_DECODE_VARIANT", "HF_EFFICIENT_FUSED_STEP")
 # PROBE_LABELS="default,fused step off": run only these variants (PROBE_LABELS_LLAMA1B etc.: for one shape); PROBE_LIGHT=1: skip the host-phase and timeline
@@ -147,23 +156,27 @@ LIGHT = os.environ.get("PROBE_LIGHT", "0") == "1"
 
 def _one(model, prompt, shape: str, label: str, out: Path) -> dict:
     env, kw = VARIANTS[label]
+    kw = dict(kw)
+    batch = kw.pop("batch", 1)
     for knob in KNOBS:
         os.environ.pop(knob, None)
     os.environ.update(env)
-    engine = DecodeEngine(model, max_batch=1, max_tokens=1024, sync_every=16, **{"native": True, **kw})
+    engine = DecodeEngine(model, max_batch=batch, max_tokens=1024 * batch, sync_every=16,
+                          **{"native": True, **kw})
+    prompts = [[t + 7 * i for t in prompt] for i in range(batch)]
     p256 = SamplingParams(temperature=0.0, max_tokens=256, ignore_eos=True)
     p64 = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
-    _, warm = _timed(lambda: engine.generate([prompt], p64))
-    engine.generate([prompt], p256)
-    outs, t256 = _timed(lambda: engine.generate([prompt], p256))
-    _, t64 = _timed(lambda: engine.generate([prompt], p64))
+    _, warm = _timed(lambda: engine.generate(prompts, p64))
+    engine.generate(prompts, p256)
+    outs, t256 = _timed(lambda: engine.generate(prompts, p256))
+    _, t64 = _timed(lambda: engine.generate(prompts, p64))
     per_tok = (t256 - t64) / 192
     row = {
-        "tok_s_256": 256 / t256, "warmup_s": warm, "replay_ms": replay_ms_per_step(engine),
-        "marginal_ms_per_token": 1e3 * per_tok, "fixed_ms_per_call": 1e3 * (t64 - 64 * per_tok),
-        "tokens_head": outs[0][0].output[:8],
+        "batch": batch, "tok_s_256": batch * 256 / t256, "warmup_s": warm, "replay_ms": replay_ms_per_step(engine),
+        "marginal_ms_per_step": 1e3 * per_tok, "fixed_ms_per_call": 1e3 * (t64 - 64 * per_tok),
+        "native_max_batch": engine.stats.native_max_batch, "tokens_head": outs[0][0].output[:8],
     }
-    if not LIGHT:
+    if not LIGHT and batch == 1:
         row["host_phases_ms_256"] = _phases(engine, prompt, p256)
         trace = out / f"trace_{shape}.json.gz" if shape == "smollm2" and label == "default" else None
         row["timeline_64"] = _timeline(engine, prompt, p64, trace)

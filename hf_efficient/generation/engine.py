@@ -118,7 +118,8 @@ class DecodeEngine:
         native: decode steps through the engine's fused kernels (:mod:`~hf_efficient.generation.native`) rather
             than the model's forward: ``None`` (default) when the model is supported, at batch buckets up to
             ``native_max_batch`` when it is small enough for the kernels to win there (hidden size <=
-            ``native.AUTO_MAX_HIDDEN``), at batch 1 only for larger models; ``True`` requires it (a ``ValueError``
+            ``native.AUTO_MAX_HIDDEN``), for larger models at the batches the one-row projection kernels serve
+            (``ops.decode_linear.gemv_max_m()``, 4 by default); ``True`` requires it (a ``ValueError``
             says why not), ``False`` always runs the model's forward. A prompt admitted alone is prefilled natively
             whenever native steps run.
         native_max_batch: largest batch bucket decoded natively (larger buckets run the model's forward, where
@@ -232,11 +233,11 @@ class DecodeEngine:
         else:
             reason = native_unsupported_reason(self.model)
             if reason is None and self.native_request is None:
-                beyond_one, reason = native_auto_choice(self.model)
-                self._native_limit = self.native_max_batch if beyond_one else min(1, self.native_max_batch)
-                if not beyond_one and reason is None:
-                    logger.info("native decode steps at batch 1 only (hidden size > %d); larger batches run the "
-                                "model's forward", AUTO_MAX_HIDDEN)
+                cap, reason = native_auto_choice(self.model)
+                if cap is not None and reason is None:
+                    self._native_limit = min(cap, self.native_max_batch)
+                    logger.info("native decode steps up to batch %d (hidden size > %d); larger batches run the "
+                                "model's forward", self._native_limit, AUTO_MAX_HIDDEN)
             elif reason is not None and self.native_request:
                 raise ValueError(f"native=True, but the native decode step cannot serve this model: {reason}")
         if (reason is None) != (self._native is not None):  # switching paths: graphs captured the other one

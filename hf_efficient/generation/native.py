@@ -29,15 +29,23 @@ from __future__ import annotations
 import torch
 
 from ..attention.flash_api import flash_attn_varlen_func
-from ..ops.decode_linear import gemv_plan, kernels_usable, linear_residual, norm_linear, norm_linear_rope
+from ..ops.decode_linear import (
+    gemv_max_m,
+    gemv_plan,
+    kernels_usable,
+    linear_residual,
+    norm_linear,
+    norm_linear_rope,
+)
 from ..ops.paged_decode import paged_decode
 
 FAMILIES = ("llama", "mistral", "qwen2")
 #: Largest hidden size for which the engine picks the native step by itself at every small batch. Larger models
-#: get it at batch 1 only (and the native prefill of a prompt admitted alone), where the one-row projection kernels
-#: stream the weights faster than cuBLAS; at batch 2-16 the GEMM tiles lose to cuBLAS there. Measured on an H200
-#: (bench generate): a 1B Llama shape (hidden 2048) at batch 1 runs 943.7 tok/s native vs 543.3 with the model
-#: forward + fused_layers; with the earlier tile kernels at batch 1 it was 423 vs 509.
+#: get it at the batches the one-row projection kernels serve (``decode_linear.gemv_max_m()``, and the native
+#: prefill of a prompt admitted alone), where those kernels stream the weights faster than cuBLAS; at larger
+#: batches the GEMM tiles lose to cuBLAS there. Measured on an H200 (bench generate): a 1B Llama shape (hidden
+#: 2048) at batch 1 runs 943.7 tok/s native vs 543.3 with the model forward + fused_layers; with the earlier tile
+#: kernels at batch 1 it was 423 vs 509.
 AUTO_MAX_HIDDEN = 1024
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 #: Longest context attended without KV splits in a native step. Measured on an H200 at batch 1, SmolLM2 shape,
@@ -127,17 +135,17 @@ def structure_key(model) -> tuple:
     return tuple(out)
 
 
-def auto_choice(model) -> tuple[bool, str | None]:
-    """For a supported model: (whether the engine picks the native step by itself beyond batch 1, why not at
-    all (None: it does, at least at batch 1))."""
+def auto_choice(model) -> tuple[int | None, str | None]:
+    """For a supported model: (the largest batch the engine decodes natively by itself, None for no cap below
+    ``native_max_batch``; why not at all, None when it does at least at batch 1)."""
     cfg = model.config.get_text_config(decoder=True)
     hidden = cfg.hidden_size
     if hidden <= AUTO_MAX_HIDDEN:
-        return True, None
+        return None, None
     widest = max(hidden, getattr(cfg, "intermediate_size", hidden) or hidden)
     if gemv_plan(1, widest) is not None:
-        return False, None
-    return False, (f"hidden_size {hidden} > {AUTO_MAX_HIDDEN}: cuBLAS projections are faster at this size "
+        return gemv_max_m(), None
+    return 0, (f"hidden_size {hidden} > {AUTO_MAX_HIDDEN}: cuBLAS projections are faster at this size "
                    "(pass native=True to force the native step)")
 
 

@@ -12,8 +12,9 @@ of mostly idle GPU. These ops merge them into four, each reading the layer's wei
 * :func:`rope_store` — rotary embedding of q and k computed from the positions and ``inv_freq`` in the kernel,
   rotated q written out, rotated k and v written to their paged-cache slots.
 
-At one row (batch-1 decode) the first two run as one-row kernels (:func:`gemv_plan`): whole weight rows per program,
-products and sums on the CUDA cores, no split of K; more rows run as tensor-core tiles with a deterministic split-K.
+At one to ``GEMV_MAX_M`` rows (decode at batch 1-4) the first two run as one-row kernels (:func:`gemv_plan`): whole
+weight rows per program, read once for all the rows, products and sums on the CUDA cores, no split of K; more rows
+run as tensor-core tiles with a deterministic split-K.
 
 Rounding follows transformers' module order (norm in fp32, cast, times weight; SiLU output rounded before the
 product; the projection rounded before the residual add), so results match the modules to bf16 noise.
@@ -335,17 +336,28 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _gemv_input(X, nw, kk, k_ok, K, eps, HAS_NORM: tl.constexpr, dt):
+        """One input row at X (K columns, padded with zeros), RMS-normalised with ``nw`` when HAS_NORM."""
+        x = tl.load(X + kk, mask=k_ok, other=0.0)
+        if HAS_NORM:
+            xf = x.to(tl.float32)
+            r = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / K + eps)
+            x = (nw.to(tl.float32) * (xf * r).to(dt).to(tl.float32)).to(dt)
+        return x
+
+    @triton.jit
     def _gemv_norm_kernel(
-        X, NW, W0, W1, W2, B0, B1, B2, Y, K, N0, N1, T0, T1, N2, eps,
+        X, NW, W0, W1, W2, B0, B1, B2, Y, K, N0, N1, T0, T1, N2, eps, sxm, sym,
         POS, INV, KP, VP, SLOTS, scaling, HK,
         HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-        PDL: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr, PERSIST: tl.constexpr,
+        PDL: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr, PERSIST: tl.constexpr, ROWS: tl.constexpr,
     ):
-        """One row (M == 1): RMSNorm then W0/W1/W2 side by side, each program BLOCK_R whole weight rows, fetched
-        before waiting for the previous kernel; no split of K, so no fix-up. With ROPE (q/k/v), a program holds
-        BLOCK_R rotary pairs of one head, rows j and j + HALF, and writes q or the K/V cache slot itself.
-        PERSIST (not with ROPE): each program walks tiles pid, pid + programs, ..., loading the next tile's
-        weights while it multiplies the current one."""
+        """ROWS input rows (1 to ``GEMV_MAX_M``: decode at small batches): RMSNorm then W0/W1/W2 side by side,
+        each program BLOCK_R whole weight rows, fetched before waiting for the previous kernel and used for every
+        input row; no split of K, so no fix-up. With ROPE (q/k/v), a program holds BLOCK_R rotary pairs of one
+        head, rows j and j + HALF, and writes q or the K/V cache slot itself.
+        PERSIST (ROWS == 1, not with ROPE): each program walks tiles pid, pid + programs, ..., loading the next
+        tile's weights while it multiplies the current one."""
         pid = tl.program_id(0)
         w_ptr, b_ptr, tile, n_size, col0 = _side_by_side(pid, T0, T1, N0, N1, N2, W0, W1, W2, B0, B1, B2)
         dt = Y.dtype.element_ty
@@ -362,15 +374,13 @@ if triton is not None:
         wa = _gemv_rows(w_ptr, ra, ok, K, BLOCK_K)
         if ROPE:
             wb = _gemv_rows(w_ptr, ra + HALF, ok, K, BLOCK_K)
+        nw = wa  # placeholder without a norm
         if HAS_NORM:
             nw = tl.load(NW + kk, mask=k_ok, other=0.0)
         _pdl_enter(PDL)
-        x = tl.load(X + kk, mask=k_ok, other=0.0)
-        if HAS_NORM:
-            xf = x.to(tl.float32)
-            r = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / K + eps)
-            x = (nw.to(tl.float32) * (xf * r).to(dt).to(tl.float32)).to(dt)
         if PERSIST:
+            tl.static_assert(ROWS == 1)
+            x = _gemv_input(X, nw, kk, k_ok, K, eps, HAS_NORM, dt)
             n_tiles = T0 + T1 + tl.cdiv(N2, BLOCK_R)
             step = tl.num_programs(0)
             for t in range(pid, n_tiles, step):
@@ -384,41 +394,51 @@ if triton is not None:
                 ok = ra < n_size
                 tl.store(Y + col0 + ra, _gemv_biased(wa, x, b_ptr, ra, ok, HAS_BIAS).to(dt), mask=ok)
                 wa = w_next
-        elif ROPE:
-            acc = _gemv_biased(wa, x, b_ptr, ra, ok, HAS_BIAS)
-            acc_b = _gemv_biased(wb, x, b_ptr, ra + HALF, ok, HAS_BIAS)
-            x1 = acc.to(dt).to(tl.float32)
-            x2 = acc_b.to(dt).to(tl.float32)
-            D: tl.constexpr = 2 * HALF
-            if pid < T0 + T1:  # q or k: rotate
-                ang = tl.load(POS).to(tl.float32) * tl.load(INV + j).to(tl.float32)
-                o1, o2 = _rotate_pair(x1, x2, ang, scaling, dt)
-            else:
-                o1 = x1.to(dt)
-                o2 = x2.to(dt)
-            if pid < T0:
-                dst = Y + head * D + j
-                tl.store(dst, o1)
-                tl.store(dst + HALF, o2)
-            else:
-                offs = (tl.load(SLOTS) * HK + head) * D + j
-                if pid < T0 + T1:
-                    tl.store(KP + offs, o1.to(KP.dtype.element_ty))
-                    tl.store(KP + offs + HALF, o2.to(KP.dtype.element_ty))
-                else:
-                    tl.store(VP + offs, o1.to(VP.dtype.element_ty))
-                    tl.store(VP + offs + HALF, o2.to(VP.dtype.element_ty))
         else:
-            tl.store(Y + col0 + ra, _gemv_biased(wa, x, b_ptr, ra, ok, HAS_BIAS).to(dt), mask=ok)
+            for i in tl.static_range(ROWS):
+                x = _gemv_input(X + i * sxm, nw, kk, k_ok, K, eps, HAS_NORM, dt)
+                if ROPE:
+                    acc = _gemv_biased(wa, x, b_ptr, ra, ok, HAS_BIAS)
+                    acc_b = _gemv_biased(wb, x, b_ptr, ra + HALF, ok, HAS_BIAS)
+                    _gemv_rope_store(acc.to(dt).to(tl.float32), acc_b.to(dt).to(tl.float32), pid, T0, T1, head, j,
+                                     Y + i * sym, POS + i, INV, KP, VP, SLOTS + i, scaling, HK, HALF, dt)
+                else:
+                    tl.store(Y + i * sym + col0 + ra, _gemv_biased(wa, x, b_ptr, ra, ok, HAS_BIAS).to(dt), mask=ok)
+
+    @triton.jit
+    def _gemv_rope_store(x1, x2, pid, T0, T1, head, j, Y, POS, INV, KP, VP, SLOTS, scaling, HK, HALF: tl.constexpr,
+                         dt):
+        """Rotary pairs (x1, x2) of one head of one row: q into Y, k and v into their cache slot (one program's
+        part of the q/k/v epilogue of ``_gemv_norm_kernel``)."""
+        D: tl.constexpr = 2 * HALF
+        if pid < T0 + T1:  # q or k: rotate
+            ang = tl.load(POS).to(tl.float32) * tl.load(INV + j).to(tl.float32)
+            o1, o2 = _rotate_pair(x1, x2, ang, scaling, dt)
+        else:
+            o1 = x1.to(dt)
+            o2 = x2.to(dt)
+        if pid < T0:
+            dst = Y + head * D + j
+            tl.store(dst, o1)
+            tl.store(dst + HALF, o2)
+        else:
+            offs = (tl.load(SLOTS) * HK + head) * D + j
+            if pid < T0 + T1:
+                tl.store(KP + offs, o1.to(KP.dtype.element_ty))
+                tl.store(KP + offs + HALF, o2.to(KP.dtype.element_ty))
+            else:
+                tl.store(VP + offs, o1.to(VP.dtype.element_ty))
+                tl.store(VP + offs + HALF, o2.to(VP.dtype.element_ty))
 
     @triton.jit
     def _gemv_residual_kernel(
-        X, W, R, Y, K, N,
+        X, W, R, Y, K, N, sxm, srm, sym,
         SILU_MUL: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-        PDL: tl.constexpr, PERSIST: tl.constexpr,
+        PDL: tl.constexpr, PERSIST: tl.constexpr, ROWS: tl.constexpr,
     ):
-        """One row (M == 1) of :func:`linear_residual`: BLOCK_R whole weight rows per program, fetched before
-        waiting for the previous kernel; no split of K. PERSIST: as in ``_gemv_norm_kernel``."""
+        """ROWS input rows (1 to ``GEMV_MAX_M``) of :func:`linear_residual`: BLOCK_R whole weight rows per program,
+        fetched before waiting for the previous kernel and used for every input row; no split of K.
+        PERSIST (ROWS == 1): as in ``_gemv_norm_kernel``."""
         pid = tl.program_id(0)
         rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
         ok = rows < N
@@ -427,13 +447,9 @@ if triton is not None:
         dt = Y.dtype.element_ty
         w = _gemv_rows(W, rows, ok, K, BLOCK_K)
         _pdl_enter(PDL)
-        x = tl.load(X + kk, mask=k_ok, other=0.0)
-        if SILU_MUL:
-            up = tl.load(X + K + kk, mask=k_ok, other=0.0)
-            g = x.to(tl.float32)
-            act = (g / (1.0 + tl.exp(-g))).to(dt)
-            x = (act.to(tl.float32) * up.to(tl.float32)).to(dt)
         if PERSIST:
+            tl.static_assert(ROWS == 1)
+            x = _gemv_act(X, kk, k_ok, K, SILU_MUL, dt)
             step = tl.num_programs(0)
             for t in range(pid, tl.cdiv(N, BLOCK_R), step):
                 rn = (t + step) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -442,7 +458,20 @@ if triton is not None:
                 _gemv_residual_store(w, x, R, Y, rows, rows < N, HAS_RES, dt)
                 w = w_next
         else:
-            _gemv_residual_store(w, x, R, Y, rows, ok, HAS_RES, dt)
+            for i in tl.static_range(ROWS):
+                x = _gemv_act(X + i * sxm, kk, k_ok, K, SILU_MUL, dt)
+                _gemv_residual_store(w, x, R + i * srm, Y + i * sym, rows, ok, HAS_RES, dt)
+
+    @triton.jit
+    def _gemv_act(X, kk, k_ok, K, SILU_MUL: tl.constexpr, dt):
+        """One input row of ``_gemv_residual_kernel``: x, or silu(gate) * up of ``[gate | up]``."""
+        x = tl.load(X + kk, mask=k_ok, other=0.0)
+        if SILU_MUL:
+            up = tl.load(X + K + kk, mask=k_ok, other=0.0)
+            g = x.to(tl.float32)
+            act = (g / (1.0 + tl.exp(-g))).to(dt)
+            x = (act.to(tl.float32) * up.to(tl.float32)).to(dt)
+        return x
 
     @triton.jit
     def _gemv_residual_store(w, x, R, Y, rows, ok, HAS_RES: tl.constexpr, dt):
@@ -614,18 +643,29 @@ GEMV_TILE = 16384  # weight elements (zero padding included) one one-row program
 GEMV_WARPS = 8
 GEMV_WARP_ELEMENTS = 4096  # at most this many per warp (128 per thread): more warps for longer rows
 GEMV_MAX_K = 16384
+GEMV_MAX_M = 4  # input rows the one-row kernels serve (decode batches 1-4); more rows use the GEMM tiles
+
+
+def gemv_max_m() -> int:
+    """Most input rows the one-row kernels take: ``GEMV_MAX_M``, ``HF_EFFICIENT_GEMV_MAX_M`` (1-16), or 0 with
+    ``HF_EFFICIENT_GEMV=0``."""
+    if os.environ.get("HF_EFFICIENT_GEMV", "1") == "0":
+        return 0
+    return min(16, max(1, int(os.environ.get("HF_EFFICIENT_GEMV_MAX_M", GEMV_MAX_M))))
 
 
 def gemv_plan(m: int, k: int, pairs: bool = False) -> tuple[int, int, int] | None:
-    """(BLOCK_R, BLOCK_K, num_warps) of the one-row kernels (``m == 1``: batch-1 decode), or None when the GEMM
-    tiles are used instead (``m > 1``, ``K`` above ``GEMV_MAX_K``, or ``HF_EFFICIENT_GEMV=0``).
+    """(BLOCK_R, BLOCK_K, num_warps) of the one-row kernels (``m`` up to :func:`gemv_max_m`: decode at batch 1
+    and small batches), or None when the GEMM tiles are used instead (more rows, ``K`` above ``GEMV_MAX_K``, or
+    ``HF_EFFICIENT_GEMV=0``).
 
     Each program holds BLOCK_R whole weight rows (K padded to a power of two), ``2 * BLOCK_R`` rows when ``pairs``
     (the rotary pairs of the q/k/v epilogue), about ``GEMV_TILE`` elements: the whole tile is fetched before the
-    wait for the previous kernel, and after it only the input row, the products and a sum across the row remain
-    (no split of K to fix up, no shared-memory staging of the weights for the tensor cores).
+    wait for the previous kernel, and after it only the input rows, the products and a sum across each row remain
+    (no split of K to fix up, no shared-memory staging of the weights for the tensor cores); each weight element
+    is read once for all ``m`` rows.
     ``HF_EFFICIENT_GEMV_TILE`` and ``HF_EFFICIENT_GEMV_WARPS`` (the least warps) override the defaults (tuning)."""
-    if m != 1 or k > GEMV_MAX_K or os.environ.get("HF_EFFICIENT_GEMV", "1") == "0":
+    if not 1 <= m <= gemv_max_m() or k > GEMV_MAX_K:
         return None
     bk = triton.next_power_of_2(k)
     per_row = bk * (2 if pairs else 1)
@@ -639,8 +679,8 @@ GEMV_PERSISTENT_PER_SM = 2
 
 def _gemv_programs(tiles: int, device: torch.device, allowed: bool = True) -> tuple[int, bool]:
     """(programs, persistent) for ``tiles`` one-row tiles. ``HF_EFFICIENT_GEMV_PERSISTENT=1`` (a variant, off by
-    default, not yet measured on a GPU): at most ``GEMV_PERSISTENT_PER_SM`` programs per SM, each walking several
-    tiles and loading the next one's weights while it multiplies the current one."""
+    default, for one input row): at most ``GEMV_PERSISTENT_PER_SM`` programs per SM, each walking several tiles
+    and loading the next one's weights while it multiplies the current one."""
     if not allowed or os.environ.get("HF_EFFICIENT_GEMV_PERSISTENT", "0") != "1":
         return tiles, False
     programs = min(tiles, GEMV_PERSISTENT_PER_SM * num_sms(device))
@@ -691,7 +731,7 @@ def _bias_args(biases, weights, dtype, device) -> tuple[bool, list[torch.Tensor]
 
 def _launch_gemv_norm(x, weights, norm_weight, eps, biases, y, ns, rope, pdl, rows, bk, warps):
     """:func:`_launch_norm_linear` for one row: the ``_gemv_norm_kernel`` (plan from :func:`gemv_plan`)."""
-    k = x.shape[1]
+    m, k = x.shape
     if rope:
         d = rope["head_dim"]
         rows = min(rows, d // 2)
@@ -701,15 +741,16 @@ def _launch_gemv_norm(x, weights, norm_weight, eps, biases, y, ns, rope, pdl, ro
     ws = list(weights) + [weights[0]] * (3 - len(weights))
     has_bias, bs = _bias_args(biases, weights, x.dtype, x.device)
     r = rope or {}
-    programs, persist = _gemv_programs(t0 + t1 + t2, x.device, allowed=rope is None)
+    programs, persist = _gemv_programs(t0 + t1 + t2, x.device, allowed=rope is None and m == 1)
     precompile.run(
         _gemv_norm_kernel, (programs,),
         x, norm_weight if norm_weight is not None else x, *ws, *bs, y,
-        k, ns[0], ns[1], t0, t1, ns[2], float(eps),
+        k, ns[0], ns[1], t0, t1, ns[2], float(eps), x.stride(0), y.stride(0),
         r.get("positions", y), r.get("inv_freq", y), r.get("k_pool", y), r.get("v_pool", y), r.get("slots", y),
         float(r.get("scaling", 1.0)), int(r.get("nheads_k", 1)),
         HAS_NORM=norm_weight is not None, HAS_BIAS=has_bias, BLOCK_R=rows, BLOCK_K=bk, **_pdl_kw(pdl),
-        ROPE=rope is not None, HALF=r.get("head_dim", 2) // 2, PERSIST=persist, num_warps=warps, num_stages=1,
+        ROPE=rope is not None, HALF=r.get("head_dim", 2) // 2, PERSIST=persist, ROWS=m, num_warps=warps,
+        num_stages=1,
     )
     return y
 
@@ -787,11 +828,12 @@ def linear_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tenso
     gemv = gemv_plan(m, k)
     if gemv is not None:
         rows, bk, warps = gemv
-        programs, persist = _gemv_programs(triton.cdiv(n, rows), x.device)
+        programs, persist = _gemv_programs(triton.cdiv(n, rows), x.device, allowed=m == 1)
         precompile.run(
             _gemv_residual_kernel, (programs,), x, weight, residual if residual is not None else y, y,
-            k, n, SILU_MUL=silu_mul, HAS_RES=residual is not None, BLOCK_R=rows, BLOCK_K=bk, **_pdl_kw(pdl),
-            PERSIST=persist, num_warps=warps, num_stages=1,
+            k, n, x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
+            SILU_MUL=silu_mul, HAS_RES=residual is not None, BLOCK_R=rows, BLOCK_K=bk, **_pdl_kw(pdl),
+            PERSIST=persist, ROWS=m, num_warps=warps, num_stages=1,
         )
         return y
     bm, bn, bk, warps, stages, split, k_per = tiles(m, n, k, x.device, prefetch=_prefetch(x.device))

@@ -12,6 +12,7 @@ from hf_efficient.generation.engine import DecodeEngine
 from hf_efficient.generation.native import unsupported_reason
 from hf_efficient.generation.sampling import SamplingParams
 from hf_efficient.models.tiny import tiny_model
+from hf_efficient.ops import decode_linear as dl
 from hf_efficient.ops.rmsnorm import fusable
 
 
@@ -108,14 +109,14 @@ def test_unsupported_models_fall_back_with_a_reason():
         _engine(model, native="yes")
 
 
-def test_auto_choice_gives_large_models_native_steps_at_batch_1_only(monkeypatch):
-    """Above AUTO_MAX_HIDDEN the engine decodes natively at batch 1 (the one-row kernels; a prompt admitted alone is
-    prefilled natively too) and leaves larger buckets to the model's forward; without the one-row kernels it leaves
-    everything to the forward."""
+def test_auto_choice_gives_large_models_native_steps_at_small_batches_only(monkeypatch):
+    """Above AUTO_MAX_HIDDEN the engine decodes natively at the batches the one-row kernels serve (up to
+    GEMV_MAX_M; a prompt admitted alone is prefilled natively too) and leaves larger buckets to the model's forward;
+    without the one-row kernels it leaves everything to the forward."""
     model = tiny_model("llama", dtype=torch.float16, hidden_size=1088, intermediate_size=64).to(_device())
-    assert unsupported_reason(model) is None
-    engine = DecodeEngine(model, max_batch=2, max_tokens=128, block_size=8, cuda_graphs=False, sync_every=2)
-    assert engine.stats.native_reason is None and engine.stats.native_max_batch == 1
+    assert unsupported_reason(model) is None and dl.GEMV_MAX_M == 4
+    engine = DecodeEngine(model, max_batch=8, max_tokens=256, block_size=8, cuda_graphs=False, sync_every=2)
+    assert engine.stats.native_reason is None and engine.stats.native_max_batch == 4
     buckets, forward = [], engine._native.forward
 
     def spy(tokens, *args, **kwargs):
@@ -123,16 +124,19 @@ def test_auto_choice_gives_large_models_native_steps_at_batch_1_only(monkeypatch
         return forward(tokens, *args, **kwargs)
 
     engine._native.forward = spy
-    prompts = _prompts([5, 9], model.config.vocab_size, seed=11)
-    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (3, 8)]
-    runs = [g[0] for g in engine.generate(prompts, params)]  # bucket 2 until the first request ends, then 1
-    assert [len(r.output) for r in runs] == [3, 8]
+    lengths = (3, 3, 8, 8, 8, 12)  # bucket 8 (the forward) until two requests end, then 4, then 1 (native)
+    prompts = _prompts([5, 9, 4, 7, 6, 3], model.config.vocab_size, seed=11)
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths]
+    runs = [g[0] for g in engine.generate(prompts, params)]
+    assert [len(r.output) for r in runs] == list(lengths)
     assert_within_noise(model, prompts, runs)
-    alone = engine.generate(prompts[:1], params[1])[0][0]
+    alone = engine.generate(prompts[:1], params[2])[0][0]
     assert_within_noise(model, prompts[:1], [alone])
-    assert buckets and set(buckets) == {1}, buckets
+    assert buckets and set(buckets) == {4, 1}, buckets
     assert engine.stats.native_prefills == 1  # the prompt admitted alone
-    assert DecodeEngine(model, max_batch=2, max_tokens=64, native=True)._native_step(2)
+    assert DecodeEngine(model, max_batch=8, max_tokens=64, native=True)._native_step(8)
+    monkeypatch.setenv("HF_EFFICIENT_GEMV_MAX_M", "1")
+    assert DecodeEngine(model, max_batch=8, max_tokens=64).stats.native_max_batch == 1
     monkeypatch.setenv("HF_EFFICIENT_GEMV", "0")
     stats = DecodeEngine(model, max_batch=1, max_tokens=64).stats
     assert "hidden_size 1088" in stats.native_reason and stats.native_max_batch == 0

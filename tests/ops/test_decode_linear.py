@@ -188,26 +188,29 @@ def launched(monkeypatch):
 
 @pytest.mark.parametrize("dtype", _dtypes())
 @pytest.mark.parametrize("k,bias", [(88, True), (600, False), (1000, True), (9000, False)])
-@pytest.mark.parametrize("persistent", ["0", "1"])
-def test_one_row_kernels(device, dtype, launched, monkeypatch, k, bias, persistent):
-    """Batch-1 decode (one row) runs the one-row kernels (whole weight rows per program, no split of K): as accurate
-    as PyTorch against float64, for K padded to a power of two, K above one tile (9000: one row per program, several
-    warps), biases, the SiLU-mul input and the residual written in place; also with persistent programs that walk
-    several tiles (the first SMs' worth of programs; tiles across the weights' boundaries)."""
+@pytest.mark.parametrize("m,persistent", [(1, "0"), (1, "1"), (3, "0")])
+def test_one_row_kernels(device, dtype, launched, monkeypatch, k, bias, m, persistent):
+    """Decode at batch 1 (and small batches: m rows, each weight element read once for all of them) runs the
+    one-row kernels (whole weight rows per program, no split of K): as accurate as PyTorch against float64, for K
+    padded to a power of two, K above one tile (9000: one row per program, several warps), biases, strided input
+    rows, the SiLU-mul input and the residual written in place; also with persistent programs that walk several
+    tiles (the first SMs' worth of programs; tiles across the weights' boundaries)."""
     monkeypatch.setenv("HF_EFFICIENT_GEMV_PERSISTENT", persistent)
     if persistent == "1":  # three programs in all (so each walks several tiles), on the GPU too
         monkeypatch.setattr(dl, "GEMV_PERSISTENT_PER_SM", 3)
         monkeypatch.setattr(dl, "num_sms", lambda device: 1)
         assert dl._gemv_programs(10, torch.device(device)) == (3, True)
-    assert dl.gemv_plan(1, k) is not None and dl.gemv_plan(2, k) is None
-    r = _gen(k + bias)
-    (x64, nw64, ws64, bs64), (x, nw, ws, bs) = _projection_inputs(r, 1, k, (72, 24, 40), bias, device, dtype)
+    assert dl.gemv_plan(m, k) is not None and dl.gemv_plan(dl.GEMV_MAX_M + 1, k) is None
+    r = _gen(k + bias + m)
+    (x64, nw64, ws64, bs64), (x, nw, ws, bs) = _projection_inputs(r, m, k, (72, 24, 40), bias, device, dtype)
+    x = torch.cat([x, torch.full_like(x[:, :5], float("nan"))], dim=1)[:, :k]  # rows 5 elements apart
     _assert_accurate(dl.norm_linear(x, ws, nw, 1e-5, bs), dl.norm_linear_reference(x, ws, nw, 1e-5, bs),
                      dl.norm_linear_reference(x64, ws64, nw64, 1e-5, bs64).to(device))
     _assert_accurate(dl.norm_linear(x, ws[:1]), dl.norm_linear_reference(x, ws[:1]),
                      dl.norm_linear_reference(x64, ws64[:1]).to(device))
-    gu64, w64, res64 = r(1, 2 * k, scale=2.0).double(), r(56, k, scale=k ** -0.5).double(), r(1, 56).double()
+    gu64, w64, res64 = r(m, 2 * k, scale=2.0).double(), r(56, k, scale=k ** -0.5).double(), r(m, 56).double()
     gu, w, res = (t.to(device, dtype) for t in (gu64, w64, res64))
+    res = torch.cat([res, torch.zeros_like(res)], dim=1)[:, :56]  # a strided residual stream, updated in place
     ref = dl.linear_residual_reference(gu, w, res, silu_mul=True)
     ref64 = dl.linear_residual_reference(gu64, w64, res64, silu_mul=True).to(device)
     _assert_accurate(dl.linear_residual(gu, w, res, silu_mul=True, out=res), ref, ref64)  # in place
@@ -219,17 +222,19 @@ def test_one_row_kernels(device, dtype, launched, monkeypatch, k, bias, persiste
 
 
 @pytest.mark.parametrize("dtype", _dtypes())
-@pytest.mark.parametrize("head_dim,k,bias", [(16, 96, True), (64, 576, False), (128, 300, True)])
-def test_one_row_rope_matches_the_tile_kernel(device, dtype, launched, monkeypatch, head_dim, k, bias):
-    """The one-row q/k/v kernel with its rotary-pair epilogue (q out, k and v to their cache slot) against the
-    float64 reference, and against the tile kernel's result on the same inputs (both bf16-noise close)."""
-    r = _gen(head_dim + k)
+@pytest.mark.parametrize("head_dim,k,bias,m", [(16, 96, True, 1), (64, 576, False, 1), (128, 300, True, 1),
+                                                (64, 576, True, 4)])
+def test_one_row_rope_matches_the_tile_kernel(device, dtype, launched, monkeypatch, head_dim, k, bias, m):
+    """The one-row q/k/v kernel with its rotary-pair epilogue (q out, k and v to their cache slot; m rows at
+    their own positions and slots) against the float64 reference, and against the tile kernel's result on the same
+    inputs (both bf16-noise close)."""
+    r = _gen(head_dim + k + m)
     h, hk, bs = 3, 1, 4
     ns = (h * head_dim, hk * head_dim, hk * head_dim)
-    (x64, nw64, ws64, bs64), (x, nw, ws, bs_) = _projection_inputs(r, 1, k, ns, bias, device, dtype)
-    pos = torch.tensor([2077], device=device)
+    (x64, nw64, ws64, bs64), (x, nw, ws, bs_) = _projection_inputs(r, m, k, ns, bias, device, dtype)
+    pos = torch.tensor([2077, 3, 500, 64][:m], device=device)
     inv = (1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)).to(device)
-    slots = torch.tensor([5], device=device)
+    slots = torch.tensor([5, 0, 11, 6][:m], device=device)
     outs = {}
     for gemv in ("1", "0"):
         monkeypatch.setenv("HF_EFFICIENT_GEMV", gemv)
