@@ -145,6 +145,9 @@ VARIANTS = {  # label: (environment, engine keywords)
     "batch 4 tile kernels": ({"HF_EFFICIENT_GEMV_MAX_M": "1"}, {"batch": 4}),
     "batch 4 model forward": ({}, {"batch": 4, "native": False}),
     "batch 4 auto": ({}, {"batch": 4, "native": None}),
+    "batch 8": ({}, {"batch": 8}),
+    "batch 8 one-row kernels": ({"HF_EFFICIENT_GEMV_MAX_M": "8"}, {"batch": 8}),
+    "batch 8 model forward": ({}, {"batch": 8, "native": False}),
 }
 KNOBS = ("HF_EFFICIENT_PDL", "HF_EFFICIENT_GEMV", "HF_EFFICIENT_GEMV_TILE", "HF_EFFICIENT_GEMV_MAX_M",
          "HF_EFFICIENT_GEMV_WARPS", "HF_EFFICIENT_GEMV_PERSISTENT", "HF_EFFICIENT_FUSED_ROPE", "HF_EFFICIENT_PREFETCH_TILE",
