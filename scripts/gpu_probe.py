@@ -141,8 +141,10 @@ VARIANTS = {  # label: (environment, engine keywords)
     # tile kernels vs the model's forward, and what the automatic choice picks
     "batch 2": ({}, {"batch": 2}),
     "batch 2 tile kernels": ({"HF_EFFICIENT_GEMV_MAX_M": "1"}, {"batch": 2}),
-    "batch 4": ({}, {"batch": 4}),
-    "batch 4 tile kernels": ({"HF_EFFICIENT_GEMV_MAX_M": "1"}, {"batch": 4}),
+    "batch 2 model forward": ({}, {"batch": 2, "native": False}),
+    "gemv not persistent": ({"HF_EFFICIENT_GEMV_PERSISTENT": "0"}, {}),
+    "batch 4": ({"HF_EFFICIENT_GEMV_MAX_M": "4"}, {"batch": 4}),
+    "batch 4 tile kernels": ({}, {"batch": 4}),
     "batch 4 model forward": ({}, {"batch": 4, "native": False}),
     "batch 4 auto": ({}, {"batch": 4, "native": None}),
     "batch 8": ({}, {"batch": 8}),

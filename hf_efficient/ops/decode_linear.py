@@ -12,7 +12,7 @@ of mostly idle GPU. These ops merge them into four, each reading the layer's wei
 * :func:`rope_store` — rotary embedding of q and k computed from the positions and ``inv_freq`` in the kernel,
   rotated q written out, rotated k and v written to their paged-cache slots.
 
-At one to ``GEMV_MAX_M`` rows (decode at batch 1-4) the first two run as one-row kernels (:func:`gemv_plan`): whole
+At one to ``GEMV_MAX_M`` rows (decode at batch 1-2) the first two run as one-row kernels (:func:`gemv_plan`): whole
 weight rows per program, read once for all the rows, products and sums on the CUDA cores, no split of K; more rows
 run as tensor-core tiles with a deterministic split-K.
 
@@ -643,7 +643,11 @@ GEMV_TILE = 16384  # weight elements (zero padding included) one one-row program
 GEMV_WARPS = 8
 GEMV_WARP_ELEMENTS = 4096  # at most this many per warp (128 per thread): more warps for longer rows
 GEMV_MAX_K = 16384
-GEMV_MAX_M = 4  # input rows the one-row kernels serve (decode batches 1-4); more rows use the GEMM tiles
+#: Input rows the one-row kernels serve (decode batches 1-2); more rows use the GEMM tiles. Each further row adds
+#: its own post-wait chain (input load, norm and row sums, each a barrier round) to every kernel: on an H200 a
+#: captured step of the 1B Llama shape took 0.92 / 1.36 / 2.29 ms at 1 / 2 / 4 rows (tile kernels: 1.80 ms at 2
+#: and 4 rows), the SmolLM2 shape 0.45 ms at 1 row and 1.05 ms at 4 (tile kernels 0.83) (docs/benchmarks/NOTES.md).
+GEMV_MAX_M = 2
 
 
 def gemv_max_m() -> int:
@@ -678,10 +682,12 @@ GEMV_PERSISTENT_PER_SM = 2
 
 
 def _gemv_programs(tiles: int, device: torch.device, allowed: bool = True) -> tuple[int, bool]:
-    """(programs, persistent) for ``tiles`` one-row tiles. ``HF_EFFICIENT_GEMV_PERSISTENT=1`` (a variant, off by
-    default, for one input row): at most ``GEMV_PERSISTENT_PER_SM`` programs per SM, each walking several tiles
-    and loading the next one's weights while it multiplies the current one."""
-    if not allowed or os.environ.get("HF_EFFICIENT_GEMV_PERSISTENT", "0") != "1":
+    """(programs, persistent) for ``tiles`` one-row tiles: for one input row (not the q/k/v kernel), at most
+    ``GEMV_PERSISTENT_PER_SM`` programs per SM, each walking several tiles and loading the next one's weights while
+    it multiplies the current one (``HF_EFFICIENT_GEMV_PERSISTENT=0``: one program per tile). On an H200 the 1B
+    Llama shape's captured step took 0.84 ms with persistent programs vs 0.92 ms without (its 128k-row LM head is
+    16k tiles); the SmolLM2 shape 0.447 vs 0.446 ms."""
+    if not allowed or os.environ.get("HF_EFFICIENT_GEMV_PERSISTENT", "1") == "0":
         return tiles, False
     programs = min(tiles, GEMV_PERSISTENT_PER_SM * num_sms(device))
     return programs, programs < tiles

@@ -114,9 +114,9 @@ def test_auto_choice_gives_large_models_native_steps_at_small_batches_only(monke
     GEMV_MAX_M; a prompt admitted alone is prefilled natively too) and leaves larger buckets to the model's forward;
     without the one-row kernels it leaves everything to the forward."""
     model = tiny_model("llama", dtype=torch.float16, hidden_size=1088, intermediate_size=64).to(_device())
-    assert unsupported_reason(model) is None and dl.GEMV_MAX_M == 4
+    assert unsupported_reason(model) is None and dl.GEMV_MAX_M == 2
     engine = DecodeEngine(model, max_batch=8, max_tokens=256, block_size=8, cuda_graphs=False, sync_every=2)
-    assert engine.stats.native_reason is None and engine.stats.native_max_batch == 4
+    assert engine.stats.native_reason is None and engine.stats.native_max_batch == 2
     buckets, forward = [], engine._native.forward
 
     def spy(tokens, *args, **kwargs):
@@ -124,15 +124,15 @@ def test_auto_choice_gives_large_models_native_steps_at_small_batches_only(monke
         return forward(tokens, *args, **kwargs)
 
     engine._native.forward = spy
-    lengths = (3, 3, 8, 8, 8, 12)  # bucket 8 (the forward) until two requests end, then 4, then 1 (native)
+    lengths = (3, 3, 3, 3, 8, 12)  # bucket 8 (the forward) until four requests end, then 2, then 1 (native)
     prompts = _prompts([5, 9, 4, 7, 6, 3], model.config.vocab_size, seed=11)
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths]
     runs = [g[0] for g in engine.generate(prompts, params)]
     assert [len(r.output) for r in runs] == list(lengths)
     assert_within_noise(model, prompts, runs)
-    alone = engine.generate(prompts[:1], params[2])[0][0]
+    alone = engine.generate(prompts[:1], params[-1])[0][0]
     assert_within_noise(model, prompts[:1], [alone])
-    assert buckets and set(buckets) == {4, 1}, buckets
+    assert buckets and set(buckets) == {2, 1}, buckets
     assert engine.stats.native_prefills == 1  # the prompt admitted alone
     assert DecodeEngine(model, max_batch=8, max_tokens=64, native=True)._native_step(8)
     monkeypatch.setenv("HF_EFFICIENT_GEMV_MAX_M", "1")
