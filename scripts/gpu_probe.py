@@ -3,7 +3,7 @@
 For the SmolLM2 shape and the 1B Llama shape it times engine variants (``VARIANTS``, batch 1 unless named:
 programmatic dependent launch off, rotary as its own kernel, larger prefetch tiles, one-row kernels off or retiled,
 the model's forward instead of the native step, no run-ahead, forced attention-kernel variants, fused step
-bookkeeping off; batches of 2 and 4 with the one-row kernels, the tile kernels or the model's forward): tokens/s of
+bookkeeping off; batches of 2, 4 and 8 with the one-row kernels, the tile kernels or the model's forward): tokens/s of
 one 256-token greedy call, back-to-back replays of the captured step, and at batch 1 the GPU timeline of one call
 from the profiler: busy time, the idle gaps between kernels, and the host functions running during the largest
 gaps. Writes ``probe.json`` (and a gzipped trace of one call) into the given folder.

@@ -119,7 +119,7 @@ class DecodeEngine:
             than the model's forward: ``None`` (default) when the model is supported, at batch buckets up to
             ``native_max_batch`` when it is small enough for the kernels to win there (hidden size <=
             ``native.AUTO_MAX_HIDDEN``), for larger models at the batches the one-row projection kernels serve
-            (``ops.decode_linear.gemv_max_m()``, 4 by default); ``True`` requires it (a ``ValueError``
+            (``ops.decode_linear.gemv_max_m()``: 1 and 2 by default); ``True`` requires it (a ``ValueError``
             says why not), ``False`` always runs the model's forward. A prompt admitted alone is prefilled natively
             whenever native steps run.
         native_max_batch: largest batch bucket decoded natively (larger buckets run the model's forward, where

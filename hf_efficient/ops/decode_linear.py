@@ -374,7 +374,7 @@ if triton is not None:
         wa = _gemv_rows(w_ptr, ra, ok, K, BLOCK_K)
         if ROPE:
             wb = _gemv_rows(w_ptr, ra + HALF, ok, K, BLOCK_K)
-        nw = wa  # placeholder without a norm
+        nw = wa  # a placeholder: _gemv_input reads it only with HAS_NORM
         if HAS_NORM:
             nw = tl.load(NW + kk, mask=k_ok, other=0.0)
         _pdl_enter(PDL)
@@ -736,7 +736,8 @@ def _bias_args(biases, weights, dtype, device) -> tuple[bool, list[torch.Tensor]
 
 
 def _launch_gemv_norm(x, weights, norm_weight, eps, biases, y, ns, rope, pdl, rows, bk, warps):
-    """:func:`_launch_norm_linear` for one row: the ``_gemv_norm_kernel`` (plan from :func:`gemv_plan`)."""
+    """:func:`_launch_norm_linear` for 1 to ``GEMV_MAX_M`` rows: the ``_gemv_norm_kernel`` (plan from
+    :func:`gemv_plan`)."""
     m, k = x.shape
     if rope:
         d = rope["head_dim"]
