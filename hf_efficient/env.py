@@ -117,18 +117,9 @@ def report() -> dict:
             "paged_decode": paged_decode_backend(),
             "decode_launch": decode_launch_backend(),
         },
-        "env_vars": {
-            k: os.environ[k]
-            for k in (
-                "HF_EFFICIENT_DISABLE_JIT",
-                "HF_EFFICIENT_JIT_VERBOSE",
-                "HF_EFFICIENT_CACHE",
-                "HF_EFFICIENT_SMOLLM2_GGUF",
-                "HF_EFFICIENT_PDL",
-                "TRITON_INTERPRET",
-            )
-            if k in os.environ
-        },
+        # every knob of ours that is set (kernel variants, tuning, paths), so a report says how figures were taken
+        "env_vars": {k: v for k, v in sorted(os.environ.items())
+                     if k.startswith("HF_EFFICIENT_") or k == "TRITON_INTERPRET"},
     }
 
 

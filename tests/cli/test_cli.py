@@ -15,12 +15,15 @@ def test_env_runs_and_reports_ops(capsys):
     assert "op decode_launch:" in out
 
 
-def test_env_json(capsys):
+def test_env_json(capsys, monkeypatch):
     import json
 
+    monkeypatch.setenv("HF_EFFICIENT_GEMV_MAX_M", "1")  # any knob of ours that is set is reported
+    monkeypatch.setenv("HF_EFFICIENTLY_UNRELATED", "x")
     assert main(["env", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert {"versions", "gpu", "ops", "nvcc"} <= set(rep)
+    assert rep["env_vars"]["HF_EFFICIENT_GEMV_MAX_M"] == "1" and "HF_EFFICIENTLY_UNRELATED" not in rep["env_vars"]
 
 
 @pytest.mark.parametrize(
