@@ -150,8 +150,13 @@ VARIANTS = {  # label: (environment, engine keywords)
     "batch 8": ({}, {"batch": 8}),
     "batch 8 one-row kernels": ({"HF_EFFICIENT_GEMV_MAX_M": "8"}, {"batch": 8}),
     "batch 8 model forward": ({}, {"batch": 8, "native": False}),
+    # the one-row kernels taking all rows at once (HF_EFFICIENT_GEMV_ROW_PARALLEL) instead of one after another
+    "batch 2 rows at once": ({"HF_EFFICIENT_GEMV_ROW_PARALLEL": "1"}, {"batch": 2}),
+    "batch 4 rows at once": ({"HF_EFFICIENT_GEMV_ROW_PARALLEL": "1", "HF_EFFICIENT_GEMV_MAX_M": "4"}, {"batch": 4}),
+    "batch 8 rows at once": ({"HF_EFFICIENT_GEMV_ROW_PARALLEL": "1", "HF_EFFICIENT_GEMV_MAX_M": "8"}, {"batch": 8}),
 }
 KNOBS = ("HF_EFFICIENT_PDL", "HF_EFFICIENT_GEMV", "HF_EFFICIENT_GEMV_TILE", "HF_EFFICIENT_GEMV_MAX_M",
+         "HF_EFFICIENT_GEMV_ROW_PARALLEL",
          "HF_EFFICIENT_GEMV_WARPS", "HF_EFFICIENT_GEMV_PERSISTENT", "HF_EFFICIENT_FUSED_ROPE", "HF_EFFICIENT_PREFETCH_TILE",
          "HF_EFFICIENT_PAGED_DECODE_VARIANT", "HF_EFFICIENT_FUSED_STEP")
 # PROBE_LABELS="default,fused step off": run only these variants (PROBE_LABELS_LLAMA1B etc.: for one shape); PROBE_LIGHT=1: skip the host-phase and timeline

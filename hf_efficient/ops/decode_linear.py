@@ -346,18 +346,41 @@ if triton is not None:
         return x
 
     @triton.jit
+    def _gemv_inputs(X, sxm, rm, m_ok, nw, kk, k_ok, K, eps, HAS_NORM: tl.constexpr, dt):
+        """All input rows ``rm`` at once, (rows, 1, BLOCK_K): one load and one RMS reduction for all of them, in the
+        layout of the products in :func:`_gemv_dots` (so no layout conversion through shared memory between)."""
+        x = tl.load(X + rm[:, None, None] * sxm + kk[None, None, :], mask=m_ok[:, None, None] & k_ok[None, None, :],
+                    other=0.0)
+        if HAS_NORM:
+            xf = x.to(tl.float32)
+            r = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=2) / K + eps)
+            x = (nw.to(tl.float32)[None, None, :] * (xf * r[:, :, None]).to(dt).to(tl.float32)).to(dt)
+        return x
+
+    @triton.jit
+    def _gemv_dots(w, x, b_ptr, rows, ok, HAS_BIAS: tl.constexpr):
+        """fp32 products of every input row of ``x`` (M, 1, BLOCK_K) with every weight row of ``w`` (R, BLOCK_K),
+        plus the biases: (M, R), the sums along K of all rows in one reduction."""
+        acc = tl.sum(w.to(tl.float32)[None, :, :] * x.to(tl.float32), axis=2)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rows, mask=ok, other=0.0).to(tl.float32)[None, :]
+        return acc
+
+    @triton.jit
     def _gemv_norm_kernel(
         X, NW, W0, W1, W2, B0, B1, B2, Y, K, N0, N1, T0, T1, N2, eps, sxm, sym,
         POS, INV, KP, VP, SLOTS, scaling, HK,
         HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
         PDL: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr, PERSIST: tl.constexpr, ROWS: tl.constexpr,
+        ROW_PAR: tl.constexpr, ROWS_P2: tl.constexpr,
     ):
         """ROWS input rows (1 to ``GEMV_MAX_M``: decode at small batches): RMSNorm then W0/W1/W2 side by side,
         each program BLOCK_R whole weight rows, fetched before waiting for the previous kernel and used for every
         input row; no split of K, so no fix-up. With ROPE (q/k/v), a program holds BLOCK_R rotary pairs of one
         head, rows j and j + HALF, and writes q or the K/V cache slot itself.
         PERSIST (ROWS == 1, not with ROPE): each program walks tiles pid, pid + programs, ..., loading the next
-        tile's weights while it multiplies the current one."""
+        tile's weights while it multiplies the current one. ROW_PAR: all rows at once (one load, one reduction per
+        sum for all rows) instead of one row after another."""
         pid = tl.program_id(0)
         w_ptr, b_ptr, tile, n_size, col0 = _side_by_side(pid, T0, T1, N0, N1, N2, W0, W1, W2, B0, B1, B2)
         dt = Y.dtype.element_ty
@@ -394,6 +417,18 @@ if triton is not None:
                 ok = ra < n_size
                 tl.store(Y + col0 + ra, _gemv_biased(wa, x, b_ptr, ra, ok, HAS_BIAS).to(dt), mask=ok)
                 wa = w_next
+        elif ROW_PAR:
+            rm = tl.arange(0, ROWS_P2)
+            m_ok = rm < ROWS
+            xs = _gemv_inputs(X, sxm, rm, m_ok, nw, kk, k_ok, K, eps, HAS_NORM, dt)
+            if ROPE:
+                acc = _gemv_dots(wa, xs, b_ptr, ra, ok, HAS_BIAS)
+                acc_b = _gemv_dots(wb, xs, b_ptr, ra + HALF, ok, HAS_BIAS)
+                _gemv_rope_store_rows(acc.to(dt).to(tl.float32), acc_b.to(dt).to(tl.float32), rm, m_ok, pid, T0,
+                                      T1, head, j, Y, sym, POS, INV, KP, VP, SLOTS, scaling, HK, HALF, dt)
+            else:
+                out = _gemv_dots(wa, xs, b_ptr, ra, ok, HAS_BIAS).to(dt)
+                tl.store(Y + rm[:, None] * sym + col0 + ra[None, :], out, mask=m_ok[:, None] & ok[None, :])
         else:
             for i in tl.static_range(ROWS):
                 x = _gemv_input(X + i * sxm, nw, kk, k_ok, K, eps, HAS_NORM, dt)
@@ -431,14 +466,41 @@ if triton is not None:
                 tl.store(VP + offs + HALF, o2.to(VP.dtype.element_ty))
 
     @triton.jit
+    def _gemv_rope_store_rows(x1, x2, rm, m_ok, pid, T0, T1, head, j, Y, sym, POS, INV, KP, VP, SLOTS, scaling, HK,
+                              HALF: tl.constexpr, dt):
+        """:func:`_gemv_rope_store` for all input rows ``rm`` at once: (x1, x2) are (rows, BLOCK_R); each row has
+        its own position and cache slot."""
+        D: tl.constexpr = 2 * HALF
+        if pid < T0 + T1:  # q or k: rotate
+            pos = tl.load(POS + rm, mask=m_ok, other=0).to(tl.float32)
+            ang = pos[:, None] * tl.load(INV + j).to(tl.float32)[None, :]
+            o1, o2 = _rotate_pair(x1, x2, ang, scaling, dt)
+        else:
+            o1 = x1.to(dt)
+            o2 = x2.to(dt)
+        mask = m_ok[:, None]
+        if pid < T0:
+            dst = Y + rm[:, None] * sym + head * D + j[None, :]
+            tl.store(dst, o1, mask=mask)
+            tl.store(dst + HALF, o2, mask=mask)
+        else:
+            offs = (tl.load(SLOTS + rm, mask=m_ok, other=0)[:, None] * HK + head) * D + j[None, :]
+            if pid < T0 + T1:
+                tl.store(KP + offs, o1.to(KP.dtype.element_ty), mask=mask)
+                tl.store(KP + offs + HALF, o2.to(KP.dtype.element_ty), mask=mask)
+            else:
+                tl.store(VP + offs, o1.to(VP.dtype.element_ty), mask=mask)
+                tl.store(VP + offs + HALF, o2.to(VP.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _gemv_residual_kernel(
         X, W, R, Y, K, N, sxm, srm, sym,
         SILU_MUL: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-        PDL: tl.constexpr, PERSIST: tl.constexpr, ROWS: tl.constexpr,
+        PDL: tl.constexpr, PERSIST: tl.constexpr, ROWS: tl.constexpr, ROW_PAR: tl.constexpr, ROWS_P2: tl.constexpr,
     ):
         """ROWS input rows (1 to ``GEMV_MAX_M``) of :func:`linear_residual`: BLOCK_R whole weight rows per program,
         fetched before waiting for the previous kernel and used for every input row; no split of K.
-        PERSIST (ROWS == 1): as in ``_gemv_norm_kernel``."""
+        PERSIST (ROWS == 1) and ROW_PAR: as in ``_gemv_norm_kernel``."""
         pid = tl.program_id(0)
         rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
         ok = rows < N
@@ -457,6 +519,21 @@ if triton is not None:
                 rows = t * BLOCK_R + tl.arange(0, BLOCK_R)
                 _gemv_residual_store(w, x, R, Y, rows, rows < N, HAS_RES, dt)
                 w = w_next
+        elif ROW_PAR:
+            rm = tl.arange(0, ROWS_P2)
+            m_ok = rm < ROWS
+            xm = m_ok[:, None] & k_ok[None, :]
+            xm = xm[:, None, :]
+            xs = tl.load(X + rm[:, None, None] * sxm + kk[None, None, :], mask=xm, other=0.0)
+            if SILU_MUL:
+                up = tl.load(X + rm[:, None, None] * sxm + K + kk[None, None, :], mask=xm, other=0.0)
+                xs = _silu_mul(xs, up, dt)
+            out = _gemv_dots(w, xs, W, rows, ok, False).to(dt)
+            mask = m_ok[:, None] & ok[None, :]
+            if HAS_RES:
+                res = tl.load(R + rm[:, None] * srm + rows[None, :], mask=mask, other=0.0)
+                out = (out.to(tl.float32) + res.to(tl.float32)).to(dt)
+            tl.store(Y + rm[:, None] * sym + rows[None, :], out, mask=mask)
         else:
             for i in tl.static_range(ROWS):
                 x = _gemv_act(X + i * sxm, kk, k_ok, K, SILU_MUL, dt)
@@ -467,11 +544,15 @@ if triton is not None:
         """One input row of ``_gemv_residual_kernel``: x, or silu(gate) * up of ``[gate | up]``."""
         x = tl.load(X + kk, mask=k_ok, other=0.0)
         if SILU_MUL:
-            up = tl.load(X + K + kk, mask=k_ok, other=0.0)
-            g = x.to(tl.float32)
-            act = (g / (1.0 + tl.exp(-g))).to(dt)
-            x = (act.to(tl.float32) * up.to(tl.float32)).to(dt)
+            x = _silu_mul(x, tl.load(X + K + kk, mask=k_ok, other=0.0), dt)
         return x
+
+    @triton.jit
+    def _silu_mul(gate, up, dt):
+        """silu(gate) * up, each rounded to the model dtype like transformers' modules."""
+        g = gate.to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(dt)
+        return (act.to(tl.float32) * up.to(tl.float32)).to(dt)
 
     @triton.jit
     def _gemv_residual_store(w, x, R, Y, rows, ok, HAS_RES: tl.constexpr, dt):
@@ -693,6 +774,16 @@ def _gemv_programs(tiles: int, device: torch.device, allowed: bool = True) -> tu
     return programs, programs < tiles
 
 
+def _row_args(m: int) -> dict:
+    """How the one-row kernels take ``m`` input rows: one after another (the default), or all at once with
+    ``HF_EFFICIENT_GEMV_ROW_PARALLEL=1`` (one load and one reduction per sum for all rows). A variant, not yet
+    measured on a GPU (the rows one after another lose to the tile kernels from 3-4 rows on); compiled for sm_90
+    it has fewer barriers after the wait than the rows one after another from 4 rows on, and at 8 rows the down
+    projection of a 1B model (K = 8192) spills registers."""
+    parallel = m > 1 and os.environ.get("HF_EFFICIENT_GEMV_ROW_PARALLEL", "0") == "1"
+    return {"ROW_PAR": parallel, "ROWS_P2": triton.next_power_of_2(m) if parallel else 1}
+
+
 def _launch_norm_linear(x, weights, norm_weight, eps, biases, y, ns, rope=None):
     m, k = x.shape
     if m == 0:
@@ -756,8 +847,8 @@ def _launch_gemv_norm(x, weights, norm_weight, eps, biases, y, ns, rope, pdl, ro
         r.get("positions", y), r.get("inv_freq", y), r.get("k_pool", y), r.get("v_pool", y), r.get("slots", y),
         float(r.get("scaling", 1.0)), int(r.get("nheads_k", 1)),
         HAS_NORM=norm_weight is not None, HAS_BIAS=has_bias, BLOCK_R=rows, BLOCK_K=bk, **_pdl_kw(pdl),
-        ROPE=rope is not None, HALF=r.get("head_dim", 2) // 2, PERSIST=persist, ROWS=m, num_warps=warps,
-        num_stages=1,
+        ROPE=rope is not None, HALF=r.get("head_dim", 2) // 2, PERSIST=persist, ROWS=m, **_row_args(m),
+        num_warps=warps, num_stages=1,
     )
     return y
 
@@ -840,7 +931,7 @@ def linear_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tenso
             _gemv_residual_kernel, (programs,), x, weight, residual if residual is not None else y, y,
             k, n, x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
             SILU_MUL=silu_mul, HAS_RES=residual is not None, BLOCK_R=rows, BLOCK_K=bk, **_pdl_kw(pdl),
-            PERSIST=persist, ROWS=m, num_warps=warps, num_stages=1,
+            PERSIST=persist, ROWS=m, **_row_args(m), num_warps=warps, num_stages=1,
         )
         return y
     bm, bn, bk, warps, stages, split, k_per = tiles(m, n, k, x.device, prefetch=_prefetch(x.device))

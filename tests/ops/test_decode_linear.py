@@ -188,19 +188,24 @@ def launched(monkeypatch):
 
 @pytest.mark.parametrize("dtype", _dtypes())
 @pytest.mark.parametrize("k,bias", [(88, True), (600, False), (1000, True), (9000, False)])
-@pytest.mark.parametrize("m,persistent", [(1, "0"), (1, "1"), (2, "1")])
-def test_one_row_kernels(device, dtype, launched, monkeypatch, k, bias, m, persistent):
+@pytest.mark.parametrize("m,persistent,parallel", [(1, "0", "0"), (1, "1", "0"), (2, "1", "0"), (2, "1", "1"),
+                                                   (5, "1", "1")])
+def test_one_row_kernels(device, dtype, launched, monkeypatch, k, bias, m, persistent, parallel):
     """Decode at batch 1 (and small batches: m rows, each weight element read once for all of them) runs the
     one-row kernels (whole weight rows per program, no split of K): as accurate as PyTorch against float64, for K
     padded to a power of two, K above one tile (9000: one row per program, several warps), biases, strided input
     rows, the SiLU-mul input and the residual written in place; also with persistent programs that walk several
-    tiles (the first SMs' worth of programs; tiles across the weights' boundaries)."""
+    tiles (the first SMs' worth of programs; tiles across the weights' boundaries), and with all rows taken at once
+    (``HF_EFFICIENT_GEMV_ROW_PARALLEL``; 5 rows: padded to 8)."""
     monkeypatch.setenv("HF_EFFICIENT_GEMV_PERSISTENT", persistent)
     if persistent == "1":  # three programs in all (so each walks several tiles), on the GPU too
         monkeypatch.setattr(dl, "GEMV_PERSISTENT_PER_SM", 3)
         monkeypatch.setattr(dl, "num_sms", lambda device: 1)
         assert dl._gemv_programs(10, torch.device(device)) == (3, True)
-    assert dl.gemv_plan(m, k) is not None and dl.gemv_plan(dl.GEMV_MAX_M + 1, k) is None
+    assert dl.gemv_plan(dl.GEMV_MAX_M + 1, k) is None
+    monkeypatch.setenv("HF_EFFICIENT_GEMV_MAX_M", "8")
+    monkeypatch.setenv("HF_EFFICIENT_GEMV_ROW_PARALLEL", parallel)
+    assert dl.gemv_plan(m, k) is not None and dl._row_args(m)["ROW_PAR"] == (parallel == "1")
     r = _gen(k + bias + m)
     (x64, nw64, ws64, bs64), (x, nw, ws, bs) = _projection_inputs(r, m, k, (72, 24, 40), bias, device, dtype)
     x = torch.cat([x, torch.full_like(x[:, :5], float("nan"))], dim=1)[:, :k]  # rows 5 elements apart
@@ -222,12 +227,15 @@ def test_one_row_kernels(device, dtype, launched, monkeypatch, k, bias, m, persi
 
 
 @pytest.mark.parametrize("dtype", _dtypes())
-@pytest.mark.parametrize("head_dim,k,bias,m", [(16, 96, True, 1), (64, 576, False, 1), (128, 300, True, 1),
-                                                (64, 576, True, 2)])
-def test_one_row_rope_matches_the_tile_kernel(device, dtype, launched, monkeypatch, head_dim, k, bias, m):
+@pytest.mark.parametrize("head_dim,k,bias,m,parallel", [(16, 96, True, 1, "0"), (64, 576, False, 1, "0"),
+                                                         (128, 300, True, 1, "0"), (64, 576, True, 2, "0"),
+                                                         (64, 576, True, 3, "1"), (16, 96, False, 2, "1")])
+def test_one_row_rope_matches_the_tile_kernel(device, dtype, launched, monkeypatch, head_dim, k, bias, m, parallel):
     """The one-row q/k/v kernel with its rotary-pair epilogue (q out, k and v to their cache slot; m rows at
-    their own positions and slots) against the float64 reference, and against the tile kernel's result on the same
-    inputs (both bf16-noise close)."""
+    their own positions and slots, one after another or all at once) against the float64 reference, and against
+    the tile kernel's result on the same inputs (both bf16-noise close)."""
+    monkeypatch.setenv("HF_EFFICIENT_GEMV_MAX_M", "4")
+    monkeypatch.setenv("HF_EFFICIENT_GEMV_ROW_PARALLEL", parallel)
     r = _gen(head_dim + k + m)
     h, hk, bs = 3, 1, 4
     ns = (h * head_dim, hk * head_dim, hk * head_dim)
