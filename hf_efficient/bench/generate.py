@@ -20,6 +20,8 @@ import argparse
 import datetime
 import json
 import random
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -106,6 +108,25 @@ def replay_ms_per_step(engine) -> float | None:
     return start.elapsed_time(end) / reps
 
 
+def kernels_by_launch(events: list[dict], steps: int, top: int = 12) -> list[dict]:
+    """Kernel events of a profiler trace (chrome-trace ``"X"`` events of category ``kernel``) grouped by name and
+    grid: launches per step, median and largest duration (us) and time per step (us), largest first. One kernel
+    serves several projections of a decode step; their grids usually tell them apart (the largest duration shows
+    a different projection sharing a grid, such as the LM head)."""
+    groups: dict[tuple, list[float]] = {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") == "kernel":
+            grid = tuple((e.get("args") or {}).get("grid") or ())
+            groups.setdefault((e["name"][:60], grid), []).append(float(e["dur"]))
+    rows = []
+    for (name, grid), durs in groups.items():
+        durs.sort()
+        rows.append({"kernel": name, "grid": list(grid), "per_step": round(len(durs) / steps, 2),
+                     "median_us": round(durs[len(durs) // 2], 2), "max_us": round(durs[-1], 2),
+                     "us_per_step": round(sum(durs) / steps, 1)})
+    return sorted(rows, key=lambda r: -r["us_per_step"])[:top]
+
+
 def _profile_step(model, prompt, new=64, **kw) -> dict:
     """Profile the bs1 decode loop: kernels launched per step, GPU kernel time per step vs wall time per step.
 
@@ -140,6 +161,10 @@ def _profile_step(model, prompt, new=64, **kw) -> dict:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         engine.generate([prompt], params)
     replay_ms = replay_ms_per_step(engine)
+    trace = Path(tempfile.mkdtemp()) / "trace.json"
+    prof.export_chrome_trace(str(trace))
+    by_launch = kernels_by_launch(json.loads(trace.read_text()).get("traceEvents", []), new - 1)
+    shutil.rmtree(trace.parent, ignore_errors=True)
     rows = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
     kernel_us = sum(e.self_device_time_total for e in rows)
     launches = sum(e.count for e in rows)
@@ -152,6 +177,7 @@ def _profile_step(model, prompt, new=64, **kw) -> dict:
         "marginal_ms_per_token": per_token_ms, "fixed_ms_per_call": per_call_ms,
         "top_kernels": [(e.key[:60], round(e.self_device_time_total / steps, 1), round(e.count / steps, 2))
                         for e in top],
+        "kernels_by_launch": by_launch,
     }
 
 
