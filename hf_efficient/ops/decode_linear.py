@@ -347,8 +347,8 @@ if triton is not None:
 
     @triton.jit
     def _gemv_inputs(X, sxm, rm, m_ok, nw, kk, k_ok, K, eps, HAS_NORM: tl.constexpr, dt):
-        """All input rows ``rm`` at once, (rows, 1, BLOCK_K): one load and one RMS reduction for all of them, in the
-        layout of the products in :func:`_gemv_dots` (so no layout conversion through shared memory between)."""
+        """All input rows ``rm`` at once, (rows, 1, BLOCK_K): one load and (HAS_NORM) one RMS reduction for all of
+        them, in the layout of the products in :func:`_gemv_dots` (no layout conversion through shared memory)."""
         x = tl.load(X + rm[:, None, None] * sxm + kk[None, None, :], mask=m_ok[:, None, None] & k_ok[None, None, :],
                     other=0.0)
         if HAS_NORM:
@@ -522,12 +522,9 @@ if triton is not None:
         elif ROW_PAR:
             rm = tl.arange(0, ROWS_P2)
             m_ok = rm < ROWS
-            xm = m_ok[:, None] & k_ok[None, :]
-            xm = xm[:, None, :]
-            xs = tl.load(X + rm[:, None, None] * sxm + kk[None, None, :], mask=xm, other=0.0)
+            xs = _gemv_inputs(X, sxm, rm, m_ok, w, kk, k_ok, K, 0.0, False, dt)
             if SILU_MUL:
-                up = tl.load(X + rm[:, None, None] * sxm + K + kk[None, None, :], mask=xm, other=0.0)
-                xs = _silu_mul(xs, up, dt)
+                xs = _silu_mul(xs, _gemv_inputs(X + K, sxm, rm, m_ok, w, kk, k_ok, K, 0.0, False, dt), dt)
             out = _gemv_dots(w, xs, W, rows, ok, False).to(dt)
             mask = m_ok[:, None] & ok[None, :]
             if HAS_RES:
@@ -798,8 +795,7 @@ def _launch_norm_linear(x, weights, norm_weight, eps, biases, y, ns, rope=None):
         m, max(ns), k, x.device, n_tiles=lambda b: sum(triton.cdiv(n, b) for n in nw), prefetch=_prefetch(x.device),
         block_n=rope["head_dim"] if rope else None)
     t0, t1, t2 = (triton.cdiv(n, bn) for n in ns)
-    ws = list(weights) + [weights[0]] * (3 - len(weights))
-    has_bias, bs = _bias_args(biases, weights, x.dtype, x.device)
+    ws, has_bias, bs = _side_by_side_args(weights, biases, x.dtype, x.device)
     grid = (triton.cdiv(m, bm), t0 + t1 + t2, split)
     work, cnt = _workspace(x.device, split, grid[0] * grid[1], bm * bn)
     r = rope or {}
@@ -817,14 +813,15 @@ def _launch_norm_linear(x, weights, norm_weight, eps, biases, y, ns, rope=None):
     return y
 
 
-def _bias_args(biases, weights, dtype, device) -> tuple[bool, list[torch.Tensor]]:
-    """(has_bias, three bias pointers): a weight without bias gets a zero one when others have one (rare: mixed
-    biases); without any bias the pointers are placeholders."""
+def _side_by_side_args(weights, biases, dtype, device) -> tuple[list[torch.Tensor], bool, list[torch.Tensor]]:
+    """(three weight pointers, has_bias, three bias pointers) of the norm-linear kernels: unused weight slots
+    repeat the first weight; a weight without bias gets a zero one when others have one (rare: mixed biases);
+    without any bias the bias pointers are placeholders."""
     ws = list(weights) + [weights[0]] * (3 - len(weights))
     if not any(b is not None for b in biases):
-        return False, [ws[0]] * 3
-    return True, [b if b is not None else torch.zeros(w.shape[0], dtype=dtype, device=device)
-                  for b, w in zip(list(biases) + [None] * (3 - len(biases)), ws)]
+        return ws, False, [ws[0]] * 3
+    return ws, True, [b if b is not None else torch.zeros(w.shape[0], dtype=dtype, device=device)
+                      for b, w in zip(list(biases) + [None] * (3 - len(biases)), ws)]
 
 
 def _launch_gemv_norm(x, weights, norm_weight, eps, biases, y, ns, rope, pdl, rows, bk, warps):
@@ -837,8 +834,7 @@ def _launch_gemv_norm(x, weights, norm_weight, eps, biases, y, ns, rope, pdl, ro
         t0, t1, t2 = (n // d * (d // 2 // rows) for n in ns)
     else:
         t0, t1, t2 = (triton.cdiv(n, rows) for n in ns)
-    ws = list(weights) + [weights[0]] * (3 - len(weights))
-    has_bias, bs = _bias_args(biases, weights, x.dtype, x.device)
+    ws, has_bias, bs = _side_by_side_args(weights, biases, x.dtype, x.device)
     r = rope or {}
     programs, persist = _gemv_programs(t0 + t1 + t2, x.device, allowed=rope is None and m == 1)
     precompile.run(
