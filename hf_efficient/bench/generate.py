@@ -20,7 +20,6 @@ import argparse
 import datetime
 import json
 import random
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -161,10 +160,10 @@ def _profile_step(model, prompt, new=64, **kw) -> dict:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         engine.generate([prompt], params)
     replay_ms = replay_ms_per_step(engine)
-    trace = Path(tempfile.mkdtemp()) / "trace.json"
-    prof.export_chrome_trace(str(trace))
-    by_launch = kernels_by_launch(json.loads(trace.read_text()).get("traceEvents", []), new - 1)
-    shutil.rmtree(trace.parent, ignore_errors=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        by_launch = kernels_by_launch(json.loads(trace.read_text()).get("traceEvents", []), new - 1)
     rows = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
     kernel_us = sum(e.self_device_time_total for e in rows)
     launches = sum(e.count for e in rows)
