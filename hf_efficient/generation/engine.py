@@ -142,12 +142,14 @@ class DecodeEngine:
         native_max_batch: int = 16,
         fused_layers: bool | None = None,
         run_ahead: bool = True,
+        tokenizer=None,
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if sync_every < 1:
             raise ValueError(f"sync_every must be >= 1, got {sync_every}")
         self.model = model
+        self.tokenizer = tokenizer
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.max_batch, self.block_size, self.sync_every = max_batch, block_size, sync_every
@@ -254,12 +256,14 @@ class DecodeEngine:
     # ------------------------------------------------------------------ public API
 
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], progress=None, on_update=None
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], progress=None, on_update=None,
+        tokenizer=None,
     ):
         """Generate for every prompt; returns one list of :class:`Request` (``n`` per prompt) per prompt.
 
         ``progress``: a tqdm-like object updated with finished requests. ``on_update(requests)``: called after every
-        host sync with the requests that received tokens (for streaming).
+        host sync with the requests that received tokens (for streaming). ``tokenizer``: for stop strings in this call
+        (default: the engine's).
         """
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
@@ -276,15 +280,18 @@ class DecodeEngine:
             groups.append(reqs)
             waiting.append(reqs)
         self._on_update = on_update
+        self._call_tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         self._native_check()
         try:
             with _attention(self.model), self._fused_patch():
                 self._run(waiting, progress)
         finally:
             self._on_update = None
+            self._call_tokenizer = self.tokenizer
         return groups
 
     _on_update = None
+    _call_tokenizer = None
 
     def _fused_patch(self):
         from .. import patches
@@ -774,15 +781,15 @@ class DecodeEngine:
             req.finish_reason = "length"
 
     def _stop_matcher(self, p: SamplingParams):
-        key = tuple(p.stop)
+        tok = self._call_tokenizer
+        key = (id(tok), tuple(p.stop))
         cache = self.__dict__.setdefault("_matchers", {})
         if key not in cache:
-            if self.tokenizer is None:
-                raise ValueError("stop strings need the engine to know the tokenizer (DecodeEngine.tokenizer)")
-            cache[key] = StopStringMatcher(self.tokenizer, list(p.stop))
+            if tok is None:
+                raise ValueError("stop strings need a tokenizer: DecodeEngine(model, tokenizer=...) or "
+                                 "generate(..., tokenizer=...)")
+            cache[key] = StopStringMatcher(tok, list(p.stop))
         return cache[key]
-
-    tokenizer = None
 
     def _retire(self, req: Request) -> None:
         """Free a request's blocks and move the last active slot into its place."""

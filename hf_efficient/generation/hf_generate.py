@@ -96,12 +96,11 @@ def engine_generate(
         groups, n = prompts, 1
     params = params.replace(n=n)
     eng = _engine_for(model, batch, sum(len(p) + max_new for p in prompts) + batch * 32)
-    eng.tokenizer = tokenizer
     if streamer is not None:
         if batch != 1:
             raise ValueError("streamer supports batch size 1 only")
         streamer.put(input_ids.cpu())
-    results = eng.generate(groups, params)
+    results = eng.generate(groups, params, tokenizer=tokenizer)
     outs = [r.output for group in results for r in group]
     if streamer is not None:
         streamer.put(torch.tensor(outs[0]))

@@ -42,8 +42,7 @@ class LLM:
     def __init__(self, model, tokenizer, **engine_kwargs):
         self.model = model
         self.tokenizer = tokenizer
-        self.engine = DecodeEngine(model, **engine_kwargs)
-        self.engine.tokenizer = tokenizer
+        self.engine = DecodeEngine(model, tokenizer=tokenizer, **engine_kwargs)
 
     def _eos_ids(self) -> list[int]:
         ids = set()
