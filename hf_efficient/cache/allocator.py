@@ -40,6 +40,10 @@ class BlockAllocator:
     def refcount(self, block: int) -> int:
         return self._ref[block]
 
+    def free_blocks(self) -> list[int]:
+        """Ids of the free blocks (a copy)."""
+        return list(self._free)
+
     def check(self, needed: int, detail: str = "") -> None:
         if needed > len(self._free):
             raise CacheFullError(needed, len(self._free), self.block_size, detail)

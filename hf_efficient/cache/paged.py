@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .allocator import BlockAllocator, CacheFullError
+from .allocator import CacheFullError
+from .blocks import BlockManager
 
 __all__ = ["PagedCache", "CacheFullError"]
 
@@ -109,6 +110,8 @@ class StepPlan:
     write_rows: torch.Tensor | None = None  # rows of the real new tokens to store (None: all); groups store once
     group_check: tuple | None = None  # (leader rows, follower rows) compared once, at the first layer
     max_seqlen: int | None = None  # bound on cache_seqlens that plans the decode kernel's KV splits (None: capacity)
+    seqs: list[tuple[list[int], int]] | None = None  # (blocks, stored tokens) per sequence for gathering (None: the
+    # cache's own sequences)
     _gather: tuple | None = None
 
 
@@ -152,12 +155,27 @@ class PagedCache(Cache):
             raise ValueError(f"PagedCache serves attention layers only; this model has layer types {bad}")
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.allocator = BlockAllocator(num_blocks, block_size)
+        self.blocks = BlockManager(num_blocks, block_size, copy_block=self._copy_block)
+        self.allocator = self.blocks.allocator
         super().__init__(layers=[PagedLayer(self, i) for i in range(len(layer_types))])
         self.seq_blocks: list[list[int]] = []
         self.seq_lens: list[int] = []
         self.padded_len = 0
         self.plan: StepPlan | None = None
+        # set by a caller that plans its own steps (the decode engine): attention then runs `plan` as given
+        self.external_plan = False
+
+    def _copy_block(self, src: int, dst: int) -> None:
+        for layer in self.layers_initialized:
+            layer.k_pool[dst].copy_(layer.k_pool[src])
+            layer.v_pool[dst].copy_(layer.v_pool[src])
+
+    def use_plan(self, plan: StepPlan) -> None:
+        """Run the next forward with ``plan`` (write slots, block table, lengths) instead of planning it from the
+        cache's own sequences: for callers that keep their own block lists (the decode engine). Attention gathers
+        stored tokens through ``plan.seqs`` when the plan needs them."""
+        self.external_plan = True
+        self.plan = plan
 
     # ------------------------------------------------------------------ transformers Cache API
 
@@ -221,20 +239,15 @@ class PagedCache(Cache):
     def _reindex(self, order: list[int]) -> None:
         if any(i < 0 or i >= self.batch_size for i in order):
             raise IndexError(f"sequence index out of range for a batch of {self.batch_size}: {order}")
-        new_blocks = [list(self.seq_blocks[i]) for i in order]
-        for blocks in new_blocks:
-            self.allocator.incref(blocks)
+        new_blocks = [self.blocks.share(self.seq_blocks[i]) for i in order]
         for blocks in self.seq_blocks:
-            self.allocator.release(blocks)
+            self.blocks.release(blocks)
         self.seq_blocks = new_blocks
         self.seq_lens = [self.seq_lens[i] for i in order]
         self.plan = None
 
     def _shrink(self, i: int, keep: int) -> None:
-        need = math.ceil(keep / self.block_size)
-        drop = self.seq_blocks[i][need:]
-        self.allocator.release(drop)
-        self.seq_blocks[i] = self.seq_blocks[i][:need]
+        self.blocks.crop(self.seq_blocks[i], keep)
         self.seq_lens[i] = keep
 
     def free(self, indices: list[int]) -> None:
@@ -306,41 +319,17 @@ class PagedCache(Cache):
             if q_mask.shape[0] != batch:
                 raise ValueError(f"PagedCache holds {batch} sequences but the step has {q_mask.shape[0]}")
             n_new = q_mask.sum(1).tolist()
-        bs = self.block_size
         lens_before = list(self.seq_lens)
-        # Blocks to allocate: growth plus copy-on-write of shared partial blocks that will be written.
-        # A shared partial block is copied by each writer but the last one still holding it (simulated in order).
-        grow, cow, refs = [], [], {}
-        for i in range(batch):
-            have = len(self.seq_blocks[i])
-            grow.append(max(0, math.ceil((lens_before[i] + n_new[i]) / bs) - have))
-            copy = False
-            if lens_before[i] % bs != 0 and n_new[i] > 0:
-                last = self.seq_blocks[i][-1]
-                refs.setdefault(last, self.allocator.refcount(last))
-                copy = refs[last] > 1
-                refs[last] -= copy
-            cow.append(copy)
-        self.allocator.check(sum(grow) + sum(cow), detail=f"{batch} sequences, {sum(n_new)} new tokens")
-        for i in range(batch):
-            if cow[i]:
-                old = self.seq_blocks[i][-1]
-                (new,) = self.allocator.allocate(1)
-                for layer in self.layers_initialized:
-                    layer.k_pool[new].copy_(layer.k_pool[old])
-                    layer.v_pool[new].copy_(layer.v_pool[old])
-                self.allocator.release([old])
-                self.seq_blocks[i][-1] = new
-            if grow[i]:
-                self.seq_blocks[i].extend(self.allocator.allocate(grow[i]))
-            self.seq_lens[i] = lens_before[i] + n_new[i]
+        seqs = list(zip(self.seq_blocks, lens_before))
+        try:
+            self.blocks.grow(seqs, n_new, detail=f"{batch} sequences, {sum(n_new)} new tokens")
+        except CacheFullError:
+            if first:  # the failed step leaves the cache as it was: empty
+                self.seq_blocks, self.seq_lens = [], []
+            raise
+        self.seq_lens = [n + k for n, k in zip(lens_before, n_new)]
         self.padded_len += q_len
-
-        slots = []
-        for i in range(batch):
-            pos = torch.arange(lens_before[i], lens_before[i] + n_new[i])
-            blocks = torch.tensor(self.seq_blocks[i], dtype=torch.long)
-            slots.append(blocks[pos // bs] * bs + pos % bs if n_new[i] else pos)
+        slots = [self.blocks.slots(blocks, n, n + k) for blocks, n, k in zip(self.seq_blocks, lens_before, n_new)]
         write_slots = torch.cat(slots).to(device) if slots else torch.empty(0, dtype=torch.long, device=device)
         q_idx = None
         if q_mask is not None and not bool(q_mask.all()):
@@ -361,14 +350,11 @@ class PagedCache(Cache):
     def gather_index(self, plan: StepPlan, device) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Flat pool slots of every stored token, sequence after sequence, with cu_seqlens and max length."""
         if plan._gather is None:
-            bs, slots = self.block_size, []
-            for i, n in enumerate(self.seq_lens):
-                pos = torch.arange(n)
-                blocks = torch.tensor(self.seq_blocks[i], dtype=torch.long)
-                slots.append(blocks[pos // bs] * bs + pos % bs if n else pos)
-            lens = torch.tensor(self.seq_lens, dtype=torch.int32)
+            seqs = plan.seqs if plan.seqs is not None else list(zip(self.seq_blocks, self.seq_lens))
+            slots = [self.blocks.slots(blocks, 0, n) for blocks, n in seqs]
+            lens = torch.tensor([n for _, n in seqs], dtype=torch.int32)
             cu = torch.nn.functional.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
-            plan._gather = (torch.cat(slots).to(device), cu.to(device), max(self.seq_lens + [0]))
+            plan._gather = (torch.cat(slots).to(device), cu.to(device), max([n for _, n in seqs] + [0]))
         return plan._gather
 
     def _plan_grouped(self, q_len: int, q_mask: torch.Tensor, device, group: int) -> StepPlan:
