@@ -77,19 +77,19 @@ def flash_attention_backend() -> dict:
 
 def paged_decode_backend() -> dict:
     try:
-        jit = importlib.import_module("hf_efficient.ops.jit")
+        paged_decode = importlib.import_module("hf_efficient.ops.paged_decode")
     except ImportError as err:
         return {"impl": "unavailable", "why": f"paged decode op not installed ({err})"}
-    return jit.backend_report()
+    return paged_decode.backend_report()
 
 
 def decode_launch_backend() -> dict:
-    """Whether the decode kernels use programmatic dependent launch (see ``ops.rmsnorm.pdl_enabled``)."""
+    """Whether the decode kernels use programmatic dependent launch (see ``ops._common.pdl_enabled``)."""
     import torch
 
     if not torch.cuda.is_available():
         return {"impl": "off", "why": "no CUDA GPU"}
-    from .ops.rmsnorm import pdl_enabled
+    from .ops._common import pdl_enabled
 
     if os.environ.get("HF_EFFICIENT_PDL", "1") == "0":
         return {"impl": "off", "why": "HF_EFFICIENT_PDL=0"}

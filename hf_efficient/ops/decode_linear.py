@@ -30,7 +30,8 @@ import os
 import torch
 
 from . import precompile
-from .rmsnorm import fusable, new_output, num_sms, pdl_enabled
+from ._common import new_output, num_sms, pdl_enabled
+from .rmsnorm import fusable
 
 try:
     import triton

@@ -16,20 +16,15 @@ import os
 import weakref
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
 
+from ._common import interpreting, is_fake
 from .flash_bwd import flash_bwd
-from .flash_fwd import flash_fwd, interpreting
+from .flash_fwd import flash_fwd
 
 __all__ = ["check_inputs", "check_seqlen_values", "check_window", "flash_attn", "flash_attn_bwd",
            "flash_attn_fwd"]
 
 _DTYPES = (torch.float16, torch.bfloat16)
-
-
-def _is_fake(t) -> bool:
-    return isinstance(t, torch.Tensor) and (
-        t.device.type == "meta" or isinstance(t, FakeTensor))
 
 
 def check_window(window_size) -> tuple[int, int]:
@@ -167,7 +162,7 @@ def _check_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, block_tabl
 def _tracing_or_capturing(*tensors) -> bool:
     if torch.compiler.is_compiling():
         return True
-    if any(_is_fake(t) for t in tensors if t is not None):
+    if any(is_fake(t) for t in tensors if t is not None):
         return True
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return True
@@ -375,7 +370,7 @@ def flash_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
     zeroing varlen rows outside every sequence; pass it when ``check_seqlen_values`` said the
     sequences cover all tokens.
     """
-    if torch.compiler.is_compiling() or _is_fake(q) or _is_fake(k) or _is_fake(v):
+    if torch.compiler.is_compiling() or is_fake(q) or is_fake(k) or is_fake(v):
         return flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                               softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
                               dropout_p, rng_seed, block_table, deterministic)

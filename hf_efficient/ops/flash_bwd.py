@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import interpreting, new_output
 from .flash_fwd import (
     _call,
     _contiguous_strides,
@@ -36,13 +37,11 @@ from .flash_fwd import (
     bsh,
     dropout_keep,
     fill_uncovered,
-    interpreting,
     key_ranges,
     load_kv_tile,
     make_configs,
     make_heuristic,
     make_pruner,
-    new_output,
     score_args,
     score_mod,
     seq_bounds,

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from . import precompile
-from .rmsnorm import interpreting
+from ._common import interpreting, new_output
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -35,11 +35,6 @@ LN2 = 0.6931471805599453
 def autotune_enabled() -> bool:
     """Autotuning is on by default on GPUs; ``HF_EFFICIENT_FLASH_AUTOTUNE=0`` uses fixed blocks."""
     return not interpreting() and os.environ.get("HF_EFFICIENT_FLASH_AUTOTUNE", "1") != "0"
-
-
-def poison_outputs() -> bool:
-    """``HF_EFFICIENT_POISON_OUTPUTS=1`` fills outputs with NaN before a launch (tests use it)."""
-    return os.environ.get("HF_EFFICIENT_POISON_OUTPUTS", "0") == "1"
 
 
 def _tma_allocator(size: int, alignment: int, stream):
@@ -68,12 +63,6 @@ def use_tma(*tensors) -> bool:
         triton.set_allocator(_tma_allocator)
         _allocator_set = True
     return True
-
-
-def new_output(shape, dtype, device) -> torch.Tensor:
-    if poison_outputs():
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 # ----------------------------------------------------------------------------------------------

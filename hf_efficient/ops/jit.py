@@ -310,13 +310,3 @@ class Extension:
     @property
     def failure(self) -> str | None:
         return self._failure
-
-
-def backend_report() -> dict:
-    """Which paged-decode implementation will run here (cuda / triton / reference) and why.
-
-    ``{"op", "impl", "why", "cache_dir"}``; never compiles (``hf-efficient env`` prints it).
-    """
-    from .paged_decode import backend_report as paged_decode_report
-
-    return paged_decode_report()

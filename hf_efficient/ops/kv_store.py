@@ -8,9 +8,9 @@ any strides with a unit last stride) and writes each token's heads to its flat p
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from ._common import interpreting
 
 try:
     import triton
@@ -56,7 +56,7 @@ if triton is not None:
 def _use_kernel(key: torch.Tensor) -> bool:
     if triton is None:
         return False
-    return key.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return key.is_cuda or (key.device.type == "cpu" and interpreting())
 
 
 def store_kv(key, value, k_pool, v_pool, slots) -> None:

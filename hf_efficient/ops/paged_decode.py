@@ -19,8 +19,8 @@ import warnings
 
 import torch
 
-from .jit import Extension, JitSpec, Unit
-from .rmsnorm import pdl_enabled
+from ._common import new_output, num_sms, pdl_enabled
+from .jit import Extension, JitSpec, Unit, arch_tag, cache_root
 
 MAX_KERNEL_Q_LEN = 16
 KERNEL_HEAD_DIMS = (64, 128, 256)
@@ -161,7 +161,7 @@ def plan_launch(batch: int, nheads_k: int, q_len: int, group: int, head_dim: int
     """
     chunks, m_tiles = plan_rows(q_len, group)
     base = batch * nheads_k * chunks
-    sms = _num_sms(device_index)
+    sms = num_sms(device_index)
     forced = os.environ.get("HF_EFFICIENT_PAGED_DECODE_VARIANT")
     variant = 0
     if forced is not None:
@@ -188,11 +188,6 @@ def device_bandwidth(index: int) -> float:
     if clock_khz and bus_bits:
         return 0.9 * 2 * clock_khz * 1e3 * bus_bits / 8
     return _BW
-
-
-@functools.cache
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 @functools.cache
@@ -273,8 +268,6 @@ def backend_report() -> dict:
 
     ``{"op": "paged_decode", "impl": "cuda" | "triton" | "reference", "why": str, "cache_dir": str}``
     """
-    from .jit import arch_tag, cache_root
-
     report = {"op": "paged_decode", "cache_dir": str(cache_root())}
     if not torch.cuda.is_available():
         return {**report, "impl": "reference", "why": "no CUDA device (the PyTorch reference runs on CPU)"}
@@ -287,13 +280,6 @@ def backend_report() -> dict:
     return {**report, "impl": "reference", "why": f"{reason}; triton not installed"}
 
 
-def alloc_output(shape, dtype, device) -> torch.Tensor:
-    """torch.empty, or NaN-filled when HF_EFFICIENT_POISON_OUTPUTS=1 (tests catch unwritten elements)."""
-    if os.environ.get("HF_EFFICIENT_POISON_OUTPUTS", "0") == "1":
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _run_cuda(q, k_cache, v_cache, seqlens, block_table, batch_idx, leftpad, alibi, scale, softcap,
               wl, wr, num_splits, max_seqlen_k, avg_seqlen_k):
     ops = EXTENSION.load(q.device)
@@ -302,12 +288,12 @@ def _run_cuda(q, k_cache, v_cache, seqlens, block_table, batch_idx, leftpad, ali
     variant, num_splits, tiles_per_split = plan_launch(
         B, Hk, Tq, H // Hk, D, q.dtype == torch.bfloat16, max_seqlen_k, avg_seqlen_k or None, num_splits,
         q.device.index)
-    out = alloc_output((B, Tq, H, D), q.dtype, q.device)
-    lse = alloc_output((B, H, Tq), torch.float32, q.device)
+    out = new_output((B, Tq, H, D), q.dtype, q.device)
+    lse = new_output((B, H, Tq), torch.float32, q.device)
     op = lp = None
     if num_splits > 1:
-        op = alloc_output((num_splits, B, Tq, H, D), torch.float32, q.device)
-        lp = alloc_output((num_splits, B, Tq, H), torch.float32, q.device)
+        op = new_output((num_splits, B, Tq, H, D), torch.float32, q.device)
+        lp = new_output((num_splits, B, Tq, H), torch.float32, q.device)
     args = (q, k_cache, v_cache, seqlens, block_table, batch_idx, leftpad, alibi, out, lse, op, lp, scale, softcap,
             wl, wr, num_splits, tiles_per_split, variant, pdl_enabled(q.device))
     if q.device.index == torch.cuda.current_device():
@@ -330,7 +316,7 @@ def _dispatch(q, k_cache, v_cache, seqlens, block_table, batch_idx, leftpad, ali
         if num_splits <= 0:
             B, Hk, D = q.shape[0], k_cache.shape[2], q.shape[-1]
             chunks = -(-(q.shape[1] * q.shape[2] // Hk) // 64)
-            num_splits = choose_num_splits(B * Hk * chunks, max_seqlen_k, 64, _num_sms(q.device.index), 2, D,
+            num_splits = choose_num_splits(B * Hk * chunks, max_seqlen_k, 64, num_sms(q.device.index), 2, D,
                                            avg_seqlen_k or None)
         return paged_decode_triton(q, k_cache, v_cache, seqlens, block_table, batch_idx, leftpad, alibi, scale,
                                    softcap, wl, wr, min(num_splits, MAX_SPLITS))

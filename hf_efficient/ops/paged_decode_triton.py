@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import new_output
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -161,13 +163,11 @@ def paged_decode_triton(q, k_cache, v_cache, cache_seqlens, block_table=None, ca
     paged = block_table is not None
     split = num_splits > 1
     dev = q.device
-    from .paged_decode import alloc_output
-
-    out = alloc_output((B, Tq, H, D), q.dtype, dev)
-    lse = alloc_output((B, H, Tq), torch.float32, dev)
+    out = new_output((B, Tq, H, D), q.dtype, dev)
+    lse = new_output((B, H, Tq), torch.float32, dev)
     if split:
-        op = alloc_output((num_splits, B, Tq, H, D), torch.float32, dev)
-        lp = alloc_output((num_splits, B, Tq, H), torch.float32, dev)
+        op = new_output((num_splits, B, Tq, H, D), torch.float32, dev)
+        lp = new_output((num_splits, B, Tq, H), torch.float32, dev)
     else:
         op, lp = out, lse  # unused
     dummy = cache_seqlens

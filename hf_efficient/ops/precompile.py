@@ -23,6 +23,8 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
+from ._common import interpreting
+
 __all__ = ["active", "compiling_ahead", "enabled", "run", "warmup"]
 
 _state = threading.local()
@@ -51,8 +53,6 @@ def _async_mode_class():
 def compiling_ahead(workers: int | None = None):
     """Context for a dry pass: kernels launched through :func:`run` / :func:`warmup` are compiled on ``workers``
     threads (default: the CPU count, at most 16) instead of running. Yields whether it is active."""
-    from .rmsnorm import interpreting
-
     mode_cls = _async_mode_class()
     if not enabled() or active() or mode_cls is None or interpreting():
         yield False

@@ -37,16 +37,15 @@ dimension must be contiguous after ``reshape(-1, hidden)`` (other layouts are co
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ._common import interpreting, new_output, num_sms, use_custom_op
+
 __all__ = [
     "MAX_FUSED_HIDDEN",
     "fusable",
-    "interpreting",
     "rms_norm",
     "rms_norm_add",
     "rms_norm_backward_op",
@@ -62,21 +61,8 @@ _FUSABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------
-# Shared helpers (also used by the rope and swiglu ops)
+# Dispatch helpers (fusable is also used by decode_linear and the fused-layer patches)
 # ----------------------------------------------------------------------------------------------
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``). Raises when the variable
-    was set after triton's import, which the interpreter does not notice (kernels would then need a GPU)."""
-    if os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return False
-    if type(tl.zeros).__name__ != "InterpretedFunction":
-        raise RuntimeError(
-            "TRITON_INTERPRET=1 was set after triton had been imported (transformers and "
-            "torch._dynamo import it); set it before the first import, e.g. in the environment "
-            "or at the top of the root conftest")
-    return True
 
 
 def fusable(*tensors: torch.Tensor) -> bool:
@@ -96,69 +82,9 @@ def fusable(*tensors: torch.Tensor) -> bool:
     return False
 
 
-def _poison() -> bool:
-    return os.environ.get("HF_EFFICIENT_POISON_OUTPUTS", "0") == "1"
-
-
-def new_output(shape, dtype, device, like: torch.Tensor | None = None) -> torch.Tensor:
-    """Uninitialised output (``empty_like(like)`` when given, keeping its layout); NaN-filled when
-    ``HF_EFFICIENT_POISON_OUTPUTS=1`` so tests catch elements a kernel forgets to write."""
-    if like is not None:
-        out = torch.empty_like(like, dtype=dtype)
-    else:
-        out = torch.empty(shape, dtype=dtype, device=device)
-    if _poison() and out.is_floating_point():
-        out.fill_(float("nan"))
-    return out
-
-
-_SM_COUNT: dict[int, int] = {}
-
-
-def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (cached); 1 elsewhere (the CPU interpreter)."""
-    if device.type != "cuda":
-        return 1
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
-
-
-_PDL: dict[int, bool] = {}
-
-
-def pdl_enabled(device: torch.device) -> bool:
-    """Launch the decode kernels with programmatic dependent launch: each may start (and fetch its weights) while
-    the kernel before it still runs, then waits for it before reading its output. Hopper (sm_90) and newer, with a
-    Triton that exposes it; ``HF_EFFICIENT_PDL=0`` turns it off."""
-    if device.type != "cuda" or os.environ.get("HF_EFFICIENT_PDL", "1") == "0":
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _PDL:
-        try:
-            from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
-            has_triton = True
-        except ImportError:
-            has_triton = False
-        _PDL[index] = has_triton and torch.cuda.get_device_capability(index)[0] >= 9
-    return _PDL[index]
-
-
 def num_programs_hint(device: torch.device) -> int:
     """Programs that keep every SM busy (a few per SM); small on the CPU interpreter."""
     return 4 * num_sms(device)
-
-
-def _is_fake(t) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return isinstance(t, torch.Tensor) and (t.device.type == "meta" or isinstance(t, FakeTensor))
-
-
-def use_custom_op(*tensors) -> bool:
-    """The custom op (traceable) while compiling/tracing; the cheaper autograd.Function in eager mode."""
-    return torch.compiler.is_compiling() or any(_is_fake(t) for t in tensors)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rmsnorm import new_output, use_custom_op
+from ._common import new_output, use_custom_op
 
 __all__ = ["rope", "rope_op", "rope_reference", "rope_supported"]
 

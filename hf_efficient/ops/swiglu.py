@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .rmsnorm import new_output, use_custom_op
+from ._common import new_output, use_custom_op
 
 __all__ = ["silu_mul", "silu_mul_backward_op", "silu_mul_op", "silu_mul_reference"]
 

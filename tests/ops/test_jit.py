@@ -101,7 +101,7 @@ def test_first_error_line():
 def test_backend_report_on_cpu_says_why():
     if torch.cuda.is_available():
         pytest.skip("CPU-only check")
-    rep = jit.backend_report()
+    rep = pd.backend_report()
     assert rep["op"] == "paged_decode" and rep["impl"] == "reference"
     assert "no CUDA device" in rep["why"]
 

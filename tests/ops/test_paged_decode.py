@@ -497,7 +497,7 @@ def test_cuda_decode_right_after_a_pdl_writer(D, group, q_len, variant, cuda_bac
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_cuda_plan_launch():
     idx = torch.cuda.current_device()
-    sms = pd._num_sms(idx)
+    sms = pd.num_sms(idx)
     variant, splits, tps = pd.plan_launch(1, 8, 1, 4, 128, True, 32768, None, 0, idx)
     assert variant == 3 and sms < 8 * splits <= 3 * sms and splits * tps * 64 >= 32768
     variant, splits, _ = pd.plan_launch(64, 8, 1, 4, 128, True, 4096, None, 0, idx)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from hf_efficient.ops import flash_fwd, precompile, rmsnorm
+from hf_efficient.ops import flash_fwd, precompile
 
 
 class FakeKernel:
@@ -37,7 +37,7 @@ class FakeMode:
 def ahead(monkeypatch):
     monkeypatch.setenv("HF_EFFICIENT_COMPILE_AHEAD", "1")
     monkeypatch.setattr(precompile, "_async_mode_class", lambda: FakeMode)
-    monkeypatch.setattr(rmsnorm, "interpreting", lambda: False)  # precompile's check
+    monkeypatch.setattr(precompile, "interpreting", lambda: False)  # precompile's check
     monkeypatch.setattr(flash_fwd, "interpreting", lambda: False)  # the flash launcher's
 
 
@@ -111,7 +111,7 @@ def test_direct_launcher_queues_inside(ahead):
 
 def test_compile_ahead_is_inactive_under_the_interpreter(monkeypatch):
     monkeypatch.setenv("HF_EFFICIENT_COMPILE_AHEAD", "1")
-    monkeypatch.setattr(rmsnorm, "interpreting", lambda: True)
+    monkeypatch.setattr(precompile, "interpreting", lambda: True)
     with precompile.compiling_ahead() as on:
         assert not on
 
