@@ -15,7 +15,8 @@ import torch
 
 from ..cache.paged import PagedLayer
 from ..ops.kv_store import store_kv
-from .hf_integration import _run, _Varlen, attention_forward
+from .compute import attention, run
+from .varlen import Varlen, cu_from_lengths
 
 MAX_DECODE_QUERIES = 16
 
@@ -74,7 +75,7 @@ def paged_attention_forward(
 
     if not any(plan.lens_before):
         # Prefill: nothing stored before, so attention over the new tokens is the whole story.
-        return attention_forward(
+        return attention(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
             sliding_window=sliding_window, softcap=softcap, is_causal=True, **kwargs,
         )
@@ -104,10 +105,9 @@ def paged_attention_forward(
     qf = q.reshape(batch * q_len, heads, dim)
     if plan.q_idx is not None:
         qf = qf.index_select(0, plan.q_idx)
-    lens_q = torch.tensor(plan.n_new, dtype=torch.int32)
-    cu_q = torch.nn.functional.pad(lens_q.cumsum(0, dtype=torch.int32), (1, 0)).to(query.device)
-    varlen = _Varlen(None, None, cu_q, cu_k, max(plan.n_new), max_k, 0)
-    out = _run(False, qf.contiguous(), k_all, v_all, varlen, opts)
+    cu_q = cu_from_lengths(torch.tensor(plan.n_new, dtype=torch.int32)).to(query.device)
+    varlen = Varlen(None, None, cu_q, cu_k, max(plan.n_new), max_k, 0)
+    out = run(False, qf.contiguous(), k_all, v_all, varlen, opts)
     if plan.q_idx is not None:
         out = out.new_zeros(batch * q_len, heads, dim_v).index_copy(0, plan.q_idx, out)
     return out.reshape(batch, q_len, heads, dim_v), None

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import hf_efficient  # noqa: F401  (registers "hf_efficient")
-from hf_efficient.attention import hf_integration
+from hf_efficient.attention import compute
 from hf_efficient.models.tiny import TINY_FAMILIES, default_attn_implementation, tiny_model
 
 LENGTHS = [21, 13, 17, 5]  # longer and shorter than the sliding window (8)
@@ -107,8 +107,8 @@ def test_custom_4d_mask_falls_back_to_sdpa_with_one_warning(caplog):
     ids, _ = _batch(ours.config.vocab_size, [6, 6])
     mask4 = torch.ones(6, 6, dtype=torch.bool).tril()[None, None].expand(2, 1, 6, 6).clone()
     mask4[1, :, :, 0] = False  # a custom pattern no padding mask can express
-    hf_integration._warned.discard("a custom 4-D attention mask was given")
-    with caplog.at_level(logging.WARNING, logger="hf_efficient.attention.hf_integration"):
+    compute._warned.discard("a custom 4-D attention mask was given")
+    with caplog.at_level(logging.WARNING, logger="hf_efficient.attention.compute"):
         b = ours(input_ids=ids, attention_mask=mask4).logits
         ours(input_ids=ids, attention_mask=mask4)
     a = ref(input_ids=ids, attention_mask=mask4).logits

@@ -3,8 +3,17 @@ from __future__ import annotations
 
 import torch
 
-from hf_efficient.ops import _common, decode_linear, flash_bwd, flash_fwd, paged_decode, paged_decode_triton, rmsnorm
-from hf_efficient.ops import rope, swiglu
+from hf_efficient.ops import (
+    _common,
+    decode_linear,
+    flash_bwd,
+    flash_fwd,
+    paged_decode,
+    paged_decode_triton,
+    rmsnorm,
+    rope,
+    swiglu,
+)
 
 
 def test_new_output_is_poisoned_when_asked(monkeypatch):
@@ -27,9 +36,9 @@ def test_device_facts_off_cuda(monkeypatch):
 
 def test_ops_share_one_copy():
     for module in (flash_fwd, flash_bwd, rmsnorm, rope, swiglu, paged_decode, paged_decode_triton, decode_linear):
-        assert getattr(module, "new_output") is _common.new_output, module.__name__
+        assert module.new_output is _common.new_output, module.__name__
     for module in (flash_fwd, flash_bwd, rmsnorm):
-        assert getattr(module, "interpreting") is _common.interpreting, module.__name__
+        assert module.interpreting is _common.interpreting, module.__name__
     for module in (paged_decode, decode_linear):
         assert module.pdl_enabled is _common.pdl_enabled and module.num_sms is _common.num_sms
     assert not hasattr(paged_decode, "alloc_output") and not hasattr(flash_fwd, "poison_outputs")
