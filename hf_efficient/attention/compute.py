@@ -44,6 +44,10 @@ def run(dense: bool, q, k, v, varlen: Varlen | None, opts: dict):
 
             if dense:
                 return flash_api.flash_attn_func(q, k, v, **opts)
+            if varlen.covers is not None:  # cu_seqlens built here: no contents check (no host sync)
+                return flash_api.flash_attn_varlen_prechecked(
+                    q, k, v, varlen.cu_q, varlen.cu_k, varlen.max_q, varlen.max_k, covers=varlen.covers, **opts
+                )
             return flash_api.flash_attn_varlen_func(
                 q, k, v, varlen.cu_q, varlen.cu_k, varlen.max_q, varlen.max_k, **opts
             )

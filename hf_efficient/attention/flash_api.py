@@ -31,6 +31,7 @@ __all__ = [
     "flash_attn_qkvpacked_func",
     "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_prechecked",
     "flash_attn_varlen_qkvpacked_func",
 ]
 
@@ -42,20 +43,19 @@ def _new_seed(device: torch.device) -> torch.Tensor:
 
 def _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
          causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
-         block_table=None):
+         block_table=None, covers=None):
     left, right = check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                dropout_p=dropout_p, softmax_scale=softmax_scale, window_size=window_size,
                                softcap=softcap, alibi_slopes=alibi_slopes, block_table=block_table)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    covers = None
-    if cu_seqlens_q is not None:
+    if cu_seqlens_q is not None and covers is None:
         paged = block_table is not None
         covers = check_seqlen_values(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.shape[0],
                             k.shape[0], block_table, k.shape[0] if paged else 0,
                             k.shape[1] if paged else 0)
-        if paged and return_attn_probs and dropout_p > 0:
-            raise ValueError("return_attn_probs with dropout is not supported with block_table")
+    if block_table is not None and return_attn_probs and dropout_p > 0:
+        raise ValueError("return_attn_probs with dropout is not supported with block_table")
     rng_seed = _new_seed(q.device) if dropout_p > 0 else None
     out, lse = flash_attn(
         q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q or 0), int(max_seqlen_k or 0),
@@ -136,11 +136,29 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             (batch_size, nheads, max_seqlen_q, max_seqlen_k), zero outside each sequence.
 
     Under ``torch.compile`` tracing or CUDA graph capture the contents of cu_seqlens are not
-    checked (that needs a device->host sync); elsewhere they are, once per call.
+    checked (that needs a device->host sync); elsewhere they are: CPU and inference-mode tensors
+    on every call, other CUDA tensors once until they change in place.
     """
     return _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                 softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                 return_attn_probs, block_table)
+
+
+def flash_attn_varlen_prechecked(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, covers,
+                                 dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                                 softcap=0.0, alibi_slopes=None, deterministic=False):
+    """:func:`flash_attn_varlen_func` for cu_seqlens whose contents the caller built and knows valid.
+
+    Shapes and dtypes as :func:`flash_attn_varlen_func`; the tensors' metadata is still checked, but not the
+    contents of cu_seqlens_q/cu_seqlens_k (int32 (batch_size + 1,), non-decreasing, inside [0, total]), nor
+    max_seqlen_q/max_seqlen_k against them: that check costs a device->host sync per call. ``covers`` (bool):
+    whether cu_seqlens_q runs from 0 to total_q and cu_seqlens_k from 0 to total_k (False zeroes the rows that
+    belong to no sequence). Returns out (total_q, nheads, headdim).
+    """
+    if not isinstance(covers, bool):
+        raise TypeError(f"covers must be a bool, got {type(covers).__name__}")
+    return _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+                causal, window_size, softcap, alibi_slopes, deterministic, False, covers=covers)
 
 
 def _unbind_packed(t, dim, n, name):

@@ -106,7 +106,8 @@ def paged_attention_forward(
     if plan.q_idx is not None:
         qf = qf.index_select(0, plan.q_idx)
     cu_q = cu_from_lengths(torch.tensor(plan.n_new, dtype=torch.int32)).to(query.device)
-    varlen = Varlen(None, None, cu_q, cu_k, max(plan.n_new), max_k, 0)
+    # built from the step plan: valid by construction, and the real new tokens / stored tokens are exactly the rows
+    varlen = Varlen(None, None, cu_q, cu_k, max(plan.n_new), max_k, 0, covers=True)
     out = run(False, qf.contiguous(), k_all, v_all, varlen, opts)
     if plan.q_idx is not None:
         out = out.new_zeros(batch * q_len, heads, dim_v).index_copy(0, plan.q_idx, out)

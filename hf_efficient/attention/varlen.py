@@ -27,6 +27,10 @@ class Varlen:
     max_q: int
     max_k: int
     kv_len: int  # keys beyond this column are unused slots (static caches) and are dropped
+    # None: cu_q/cu_k came from the caller and their contents must be checked. True/False: built here, valid by
+    # construction (non-decreasing, inside the token counts, max_q/max_k exact), and whether the sequences cover
+    # every selected token (cu[0] == 0 and cu[-1] == total, for q and k).
+    covers: bool | None = None
 
 
 class _Memo:
@@ -94,6 +98,7 @@ def varlen_from_mask(mask: torch.Tensor, seqlen_q: int, seqlen_k: int) -> Varlen
         max_q=int(len_q.max()),
         max_k=int(len_k.max()),
         kv_len=kv_len,
+        covers=True,  # the selected rows are exactly the masked-in tokens, sequence after sequence
     )
     return _mask_memo.put(given, (seqlen_q, seqlen_k), info)
 
@@ -120,4 +125,6 @@ def packed_varlen(position_ids: torch.Tensor | None, kwargs: dict, total: int) -
         return None
     cu = torch.cat([starts.to(torch.int32), torch.tensor([pos.numel()], dtype=torch.int32, device=pos.device)])
     max_len = int((cu[1:] - cu[:-1]).max())
-    return _pos_memo.put(position_ids, total, Varlen(None, None, cu, cu, max_len, max_len, total))
+    # valid by construction; tokens before the first reset (if any) belong to no sequence
+    varlen = Varlen(None, None, cu, cu, max_len, max_len, total, covers=False)
+    return _pos_memo.put(position_ids, total, varlen)

@@ -169,25 +169,42 @@ def _tracing_or_capturing(*tensors) -> bool:
     return False
 
 
-_last_checked: tuple | None = None  # (key, weakrefs, covers) of the last cu_seqlens that passed
+_last_checked: tuple | None = None  # (key, weakrefs, covers) of the last device cu_seqlens that passed
+
+
+def _remember_key(tensors, *ints) -> tuple | None:
+    """Key under which a passing check of ``tensors`` may be remembered, or None when it must not be.
+
+    Host (CPU) tensors are checked every call: that is cheap (no device sync), so a contents change can never
+    be missed. Device tensors are remembered by identity, address, shape and in-place version counter, so the
+    layers of one model step share one sync. Inference tensors (created under ``torch.inference_mode()``) keep
+    no version counter, so an in-place change could not be seen: they are checked every call too.
+    """
+    given = [t for t in tensors if t is not None]
+    if all(t.device.type == "cpu" for t in given) or any(t.is_inference() for t in given):
+        return None
+    return (tuple((t.data_ptr(), t._version, tuple(t.shape)) if t is not None else None for t in tensors), *ints)
 
 
 def check_seqlen_values(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, total_q, total_k,
                         block_table=None, num_blocks=0, block_size=0) -> bool | None:
     """Check cu_seqlens (and block_table) contents with a single device->host sync.
 
+    cu_seqlens_q/k: int32 (batch + 1,); block_table: int32 (batch, max_blocks) or None; the rest host ints.
     Returns whether the sequences cover every token of q (and of k/v) -- then no padding rows
     need filling -- or None when nothing was checked: under ``torch.compile`` tracing, on fake
-    tensors and during CUDA graph capture. The last passing set of tensors is remembered (by
-    identity and in-place version counter), so the layers of one model step share one sync.
+    tensors and during CUDA graph capture. Raises ``ValueError`` naming the argument otherwise.
+    A passing set of CUDA tensors with version counters is remembered (by identity and in-place
+    version counter), so the layers of one model step share one sync; CPU tensors and inference
+    tensors are checked on every call. Works under ``torch.inference_mode()``, ``no_grad`` and
+    with grad enabled.
     """
     global _last_checked
     tensors = (cu_seqlens_q, cu_seqlens_k, block_table)
     if _tracing_or_capturing(*tensors):
         return None
-    key = (tuple((t.data_ptr(), t._version, tuple(t.shape)) if t is not None else None for t in tensors),
-           max_seqlen_q, max_seqlen_k, total_q, total_k, num_blocks, block_size)
-    if _last_checked is not None and _last_checked[0] == key and all(
+    key = _remember_key(tensors, max_seqlen_q, max_seqlen_k, total_q, total_k, num_blocks, block_size)
+    if key is not None and _last_checked is not None and _last_checked[0] == key and all(
             (r is None and t is None) or (r is not None and r() is t)
             for r, t in zip(_last_checked[1], tensors)):
         return _last_checked[2]
@@ -217,7 +234,8 @@ def check_seqlen_values(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
             raise ValueError(f"block_table entries must lie in [0, {num_blocks}), got [{vals[8]}, {vals[9]}]")
     covers = vals[4] == 0 and vals[5] == total_q and (
         block_table is not None or (vals[6] == 0 and vals[7] == total_k))
-    _last_checked = (key, tuple(weakref.ref(t) if t is not None else None for t in tensors), covers)
+    if key is not None:
+        _last_checked = (key, tuple(weakref.ref(t) if t is not None else None for t in tensors), covers)
     return covers
 
 
