@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from ..ops import precompile
-from ..ops.rmsnorm import interpreting
-from .sampling import BatchSampler
+from ..ops._common import interpreting
+from .logprobs import raw_logprobs
 
 try:
     import triton
@@ -89,7 +89,7 @@ def greedy_commit_reference(logits, steps, seen, commit: StepCommit) -> None:
     tok = logits.to(torch.float32).argmax(dim=-1)
     steps += 1
     seen.index_put_((torch.arange(tok.shape[0], device=tok.device), tok), torch.ones_like(tok, dtype=torch.bool))
-    commit.apply(tok, BatchSampler.raw_logprobs(logits, tok))
+    commit.apply(tok, raw_logprobs(logits, tok))
 
 
 # ----------------------------------------------------------------------------------------------
