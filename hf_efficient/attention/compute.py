@@ -29,8 +29,9 @@ def warn_once(key: str, message: str) -> None:
 
 
 def kernel_ok(q: torch.Tensor) -> bool:
-    """The flash kernels take ``q``: CUDA, fp16/bf16, head dim a multiple of 8 and at most 256."""
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
+    """The flash kernels take ``q``: CUDA, fp16/bf16, head dim at most 256 (others than multiples of 8 are
+    zero-padded inside)."""
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and 0 < q.shape[-1] <= 256
 
 
 def run(dense: bool, q, k, v, varlen: Varlen | None, opts: dict):

@@ -82,14 +82,17 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         q: (batch_size, seqlen_q, nheads, headdim), float16 or bfloat16, on a CUDA device.
         k: (batch_size, seqlen_k, nheads_k, headdim), same dtype; nheads % nheads_k == 0 (GQA/MQA).
         v: (batch_size, seqlen_k, nheads_k, headdim), same dtype.
-            headdim is a multiple of 8, at most 256; the last dimension must be contiguous.
+            headdim is any size from 1 to 256 (sizes that are not a multiple of 8 are zero-padded to
+            one internally, as flash-attn does); the last dimension must be contiguous.
         dropout_p: float in [0, 1). Applied whenever > 0 (pass 0.0 at evaluation).
         softmax_scale: float; defaults to 1 / sqrt(headdim).
         causal: bool. Causal mask aligned to the bottom-right corner: query i sees key j iff
             j <= i + seqlen_k - seqlen_q.
-        window_size: (left, right) ints; query i sees keys in
+        window_size: (left, right) ints >= -1; query i sees keys in
             [i + seqlen_k - seqlen_q - left, i + seqlen_k - seqlen_q + right]; -1 = unbounded.
-            ``causal=True`` sets right = 0.
+            ``causal=True`` sets right = 0. Any int-like pair is accepted: tuple or list of ints,
+            numpy integers or 0-d integer tensors, a 1-D integer tensor or numpy array of two
+            elements (a CUDA tensor costs a sync).
         softcap: float >= 0; when > 0 scores become softcap * tanh(scores / softcap) (before masking).
         alibi_slopes: float32 (nheads,) or (batch_size, nheads); adds
             -slope * |i + seqlen_k - seqlen_q - j| to the scaled scores.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ops._common import window_pair
 from ..ops.paged_decode import check_paged_inputs, paged_decode_op
 
 
@@ -96,7 +97,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     """Attention over a KV cache, appending new k/v first (flash-attn 2.x ``flash_attn_with_kvcache``).
 
     Arguments:
-        q: (batch, seqlen_q, nheads, head_dim) float16/bfloat16.
+        q: (batch, seqlen_q, nheads, head_dim) float16/bfloat16; head_dim 1..256 (64, 128 and 256 run the CUDA
+            decode kernel, other sizes the Triton kernel, which masks the head dim instead of padding the cache).
         k_cache, v_cache: (batch_cache, seqlen_cache, nheads_k, head_dim) without ``block_table``, or
             (num_blocks, block_size, nheads_k, head_dim) with it (paged). Updated in place when k/v given.
         k, v: optional (batch, seqlen_new, nheads_k, head_dim), written at ``cache_seqlens[b] ..``.
@@ -109,12 +111,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             first valid key of a contiguous cache.
         block_table: (batch, max_blocks_per_seq) int32.
         softmax_scale: default head_dim ** -0.5. causal: bottom-right aligned. window_size: (left,
-            right), -1 unbounded. softcap: > 0 applies cap * tanh(s / cap). alibi_slopes: (nheads,) or
+            right), -1 unbounded; any int-like pair (tuple/list of ints, numpy integers, integer tensors). softcap: > 0 applies cap * tanh(s / cap). alibi_slopes: (nheads,) or
             (batch, nheads) fp32. num_splits: split-KV factor, 0 = heuristic.
         return_softmax_lse: also return lse (batch, nheads, seqlen_q) fp32.
     Returns:
         out (batch, seqlen_q, nheads, head_dim) [, softmax_lse].
     """
+    window_size = window_pair(window_size)
     if cache_seqlens is None:
         if block_table is not None or k is not None:
             raise ValueError("cache_seqlens is required with block_table or new k/v")
@@ -134,7 +137,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if rotary_cos is not None:
         base = cache_seqlens.long().unsqueeze(1)
         ar_q = torch.arange(q.shape[1], device=q.device)
-        local = causal or tuple(window_size) != (-1, -1)
+        local = causal or window_size != (-1, -1)
         pos_q = base + ar_q if local else base.expand(-1, q.shape[1])
         q = apply_rotary(q, rotary_cos, rotary_sin, pos_q, rotary_interleaved)
         k = apply_rotary(k, rotary_cos, rotary_sin, base + torch.arange(n_new, device=q.device), rotary_interleaved)

@@ -5,6 +5,7 @@
   it so that elements a kernel forgets to write fail).
 - :func:`num_sms`: streaming multiprocessors of a CUDA device (cached).
 - :func:`pdl_enabled` / :func:`pdl_status`: whether kernels launch with programmatic dependent launch.
+- :func:`window_pair`: a flash-attn ``window_size`` argument as two Python ints.
 - :func:`is_fake` / :func:`use_custom_op`: the traceable custom op while tracing, the cheaper
   ``autograd.Function`` in eager mode.
 
@@ -14,6 +15,7 @@ Importing this module never initialises CUDA and does not need triton.
 from __future__ import annotations
 
 import functools
+import operator
 import os
 
 import torch
@@ -32,6 +34,7 @@ __all__ = [
     "pdl_status",
     "poison_outputs",
     "use_custom_op",
+    "window_pair",
 ]
 
 
@@ -122,3 +125,34 @@ def is_fake(t) -> bool:
 def use_custom_op(*tensors) -> bool:
     """The custom op (traceable) while compiling/tracing; the cheaper autograd.Function in eager mode."""
     return torch.compiler.is_compiling() or any(is_fake(t) for t in tensors)
+
+
+def _window_entry(w, window_size, name: str) -> int:
+    if isinstance(w, bool) or (isinstance(w, torch.Tensor) and w.dtype == torch.bool) or \
+            type(w).__name__ in ("bool_", "bool"):
+        raise TypeError(f"{name} entries must be ints, got a bool in {window_size!r}")
+    try:
+        return operator.index(w)
+    except TypeError:
+        raise TypeError(f"{name} must be a pair (left, right) of ints, got {window_size!r}") from None
+
+
+def window_pair(window_size, name: str = "window_size") -> tuple[int, int]:
+    """``window_size`` as ``(left, right)`` Python ints, accepting every int-like pair flash-attn takes.
+
+    Accepted: a tuple or list of two ints, numpy integers or 0-d integer tensors, a 1-D integer tensor or numpy
+    array of two elements. Raises ``TypeError`` (not a pair of integers; bools are refused) or ``ValueError``
+    (an entry below -1; -1 means unbounded) naming the argument. Reading a CUDA tensor's values syncs.
+    """
+    items = window_size
+    if isinstance(window_size, torch.Tensor) or (hasattr(window_size, "shape") and hasattr(window_size, "dtype")):
+        if tuple(window_size.shape) != (2,):
+            raise TypeError(f"{name} must be a pair (left, right) of ints, got an array of shape "
+                            f"{tuple(window_size.shape)}")
+        items = list(window_size)
+    elif not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise TypeError(f"{name} must be a pair (left, right) of ints, got {window_size!r}")
+    left, right = (_window_entry(w, window_size, name) for w in items)
+    if left < -1 or right < -1:
+        raise ValueError(f"{name} entries must be >= -1 (-1 = unbounded), got ({left}, {right})")
+    return left, right

@@ -17,7 +17,7 @@ import weakref
 
 import torch
 
-from ._common import interpreting, is_fake
+from ._common import interpreting, is_fake, window_pair
 from .flash_bwd import flash_bwd
 from .flash_fwd import flash_fwd
 
@@ -25,16 +25,14 @@ __all__ = ["check_inputs", "check_seqlen_values", "check_window", "flash_attn", 
            "flash_attn_fwd"]
 
 _DTYPES = (torch.float16, torch.bfloat16)
+#: Largest head dim the kernels take; :func:`flash_attn` zero-pads others to a multiple of HEAD_DIM_ALIGN.
+MAX_HEAD_DIM = 256
+HEAD_DIM_ALIGN = 8
 
 
 def check_window(window_size) -> tuple[int, int]:
-    if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2
-            and all(isinstance(w, int) and not isinstance(w, bool) for w in window_size)):
-        raise TypeError(f"window_size must be a pair (left, right) of ints, got {window_size!r}")
-    left, right = window_size
-    if left < -1 or right < -1:
-        raise ValueError(f"window_size entries must be >= -1 (-1 = unbounded), got {window_size!r}")
-    return left, right
+    """``window_size`` as ``(left, right)`` ints; any int-like pair flash-attn accepts (see ``window_pair``)."""
+    return window_pair(window_size)
 
 
 _checked: dict = {}  # tensor signatures _check_tensors accepted (bounded; cleared when full)
@@ -117,8 +115,9 @@ def _check_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, block_tabl
     head_dim = q.shape[-1]
     if k.shape[-1] != head_dim:
         raise ValueError(f"q and k/v must share headdim, got {head_dim} and {k.shape[-1]}")
-    if head_dim % 8 != 0 or head_dim > 256 or head_dim == 0:
-        raise ValueError(f"headdim must be a positive multiple of 8 and at most 256, got {head_dim}")
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim (the last dimension of q, k, v) must be between 1 and {MAX_HEAD_DIM} "
+                         f"(at most 256), got {head_dim}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1 and t.shape[-1] > 1:
             raise ValueError(f"{name} must be contiguous in its last dimension (stride {t.stride(-1)})")
@@ -387,7 +386,27 @@ def flash_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
     same launchers. Returns ``(out, lse)`` as the op does. ``fill=False`` (eager only) skips
     zeroing varlen rows outside every sequence; pass it when ``check_seqlen_values`` said the
     sequences cover all tokens.
+
+    A head dim that is not a multiple of 8 (flash-attn accepts any up to 256) is zero-padded to
+    the next multiple of 8 for the kernels, as flash-attn does: zero columns change no ``q . k``
+    product and give zero output columns, which are sliced off (``out`` is then a view of the
+    padded result); gradients flow back through the padding. ``softmax_scale`` is used as given
+    (callers pass ``1 / sqrt(original head_dim)`` by default). With ``block_table`` the padding
+    copies the whole paged K/V pool on every call.
     """
+    head_dim = q.shape[-1]
+    pad = -head_dim % HEAD_DIM_ALIGN
+    if pad:
+        q, k, v = (torch.nn.functional.pad(t, (0, pad)) for t in (q, k, v))
+    out, lse = _flash_attn_aligned(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                                   causal, window_left, window_right, softcap, alibi_slopes, dropout_p, rng_seed,
+                                   block_table, deterministic, fill)
+    return (out[..., :head_dim], lse) if pad else (out, lse)
+
+
+def _flash_attn_aligned(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                        causal, window_left, window_right, softcap, alibi_slopes, dropout_p, rng_seed,
+                        block_table, deterministic, fill):
     if torch.compiler.is_compiling() or is_fake(q) or is_fake(k) or is_fake(v):
         return flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                               softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,

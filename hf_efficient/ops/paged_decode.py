@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-from ._common import new_output, num_sms, pdl_enabled
+from ._common import new_output, num_sms, pdl_enabled, window_pair
 from .jit import Extension, JitSpec, Unit, arch_tag, cache_root
 
 MAX_KERNEL_Q_LEN = 16
@@ -388,9 +388,9 @@ def check_paged_inputs(q, k_cache, v_cache, cache_seqlens, block_table=None, cac
             raise ValueError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last (head_dim) dimension")
-    if D % 8 or not 8 <= D <= 256:
-        raise ValueError(f"head_dim {D} unsupported: must be a multiple of 8, at most 256 "
-                         f"(the CUDA kernel takes {KERNEL_HEAD_DIMS})")
+    if not 1 <= D <= 256:
+        raise ValueError(f"head_dim {D} unsupported: must be between 1 and 256 (the CUDA kernel takes "
+                         f"{KERNEL_HEAD_DIMS}, the Triton kernel and the reference any other)")
     if tuple(v_cache.shape) != tuple(k_cache.shape):
         raise ValueError(f"v_cache shape {tuple(v_cache.shape)} must equal k_cache shape {tuple(k_cache.shape)}")
     if k_cache.shape[3] != D:
@@ -434,15 +434,13 @@ def check_paged_inputs(q, k_cache, v_cache, cache_seqlens, block_table=None, cac
     cache_leftpad = cache_leftpad.contiguous() if cache_leftpad is not None else None
     if Tq > capacity:
         raise ValueError(f"q seqlen {Tq} exceeds the cache capacity {capacity}")
-    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
-            or any(not isinstance(w, int) or w < -1 for w in window_size)):
-        raise ValueError(f"window_size must be a pair of ints >= -1, got {window_size!r}")
+    window_size = window_pair(window_size)
     if not isinstance(softcap, (int, float)) or softcap < 0:
         raise ValueError(f"softcap must be a float >= 0, got {softcap!r}")
     if not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0, got {num_splits!r}")
     scale = float(softmax_scale) if softmax_scale is not None else D ** -0.5
-    wl, wr = int(window_size[0]), (0 if causal else int(window_size[1]))
+    wl, wr = window_size[0], (0 if causal else window_size[1])
     max_k = int(max_seqlen_k) if max_seqlen_k is not None else int(capacity)
     if max_k < 1 or (avg_seqlen_k is not None and not 0 < avg_seqlen_k):
         raise ValueError(f"max_seqlen_k and avg_seqlen_k must be positive ints, got {max_seqlen_k!r}, {avg_seqlen_k!r}")
@@ -456,7 +454,8 @@ def paged_decode(q, k_cache, v_cache, cache_seqlens, block_table=None, *, cache_
     """Attention of the newest tokens over a paged (or contiguous) KV cache.
 
     Arguments:
-        q: (batch, q_len, nheads, head_dim), float16/bfloat16; the q_len newest tokens, whose K/V are
+        q: (batch, q_len, nheads, head_dim), float16/bfloat16, head_dim 1..256 (the CUDA kernel takes 64, 128
+            and 256; other sizes run the Triton kernel); the q_len newest tokens, whose K/V are
             already in the cache. q_len <= 16 runs the CUDA kernel (decode, speculative verify);
             longer q (prefill) runs the Triton kernel.
         k_cache, v_cache: paged (num_blocks, block_size, nheads_k, head_dim) with ``block_table``, or
@@ -467,7 +466,8 @@ def paged_decode(q, k_cache, v_cache, cache_seqlens, block_table=None, *, cache_
         cache_leftpad: (batch,) int32 first valid key of a contiguous cache (default 0).
         alibi_slopes: (nheads,) or (batch, nheads) fp32; adds -slope * |i + L - q_len - j|.
         softmax_scale: default head_dim ** -0.5. softcap: > 0 applies cap * tanh(s / cap).
-        causal / window_size: (left, right) sliding window, -1 unbounded; causal sets right = 0.
+        causal / window_size: (left, right) sliding window, -1 unbounded; causal sets right = 0. Any int-like
+            pair (tuple/list of ints, numpy integers, integer tensors of two elements).
         num_splits: split-KV factor (<= 256), 0 = heuristic from batch * nheads_k vs SMs and max_seqlen_k.
         max_seqlen_k: host int bound on cache_seqlens for the heuristic (default: cache capacity). A
             sequence longer than this is still computed exactly (its splits just grow).
