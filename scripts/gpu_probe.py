@@ -93,7 +93,7 @@ def _timeline(engine, prompt, params, trace_path: Path | None) -> dict:
 
 def _phases(engine, prompt, params) -> dict:
     """Host time of one call split by engine phase (a sync inside a phase counts its wait for the GPU)."""
-    names = ("_native_check", "_admit", "_prefill", "_first_tokens", "_sync", "_decode_step", "_reserve")
+    names = ("_native_check", "_admit", "_sync", "_decode_step", "_preempt")
     spent = {n: 0.0 for n in names}
     originals = {n: getattr(engine, n) for n in names}
 

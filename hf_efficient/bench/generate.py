@@ -90,20 +90,20 @@ def _variant(model, prompts, new, max_batch, base_outputs, notes, key, label, kw
 
 def replay_ms_per_step(engine) -> float | None:
     """Back-to-back replays of a captured decode step: GPU time per step, kernels + in-graph gaps (None: no graph)."""
-    graphs = [g for k, g in engine._graphs.items() if k[0] != "prefill"]
+    graphs = [g for k, g in engine.runner.graphs.items() if k.kind == "decode"]
     if not graphs:
         return None
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     reps = 0
     start.record()
     for _ in range(8):
-        engine.hist_idx.zero_()
+        engine.runner.hist_idx.zero_()
         for _ in range(engine.sync_every - 1):
             graphs[0].replay()
             reps += 1
     end.record()
     _sync()
-    engine.hist_idx.zero_()
+    engine.runner.hist_idx.zero_()
     return start.elapsed_time(end) / reps
 
 
@@ -148,9 +148,9 @@ def _profile_step(model, prompt, new=64, **kw) -> dict:
     host = {"s": 0.0, "n": 0}
     step = engine._decode_step
 
-    def timed_step(waiting):  # host time of a step (no sync: the GPU runs behind)
+    def timed_step():  # host time of a step (no sync: the GPU runs behind)
         t0 = time.perf_counter()
-        step(waiting)
+        step()
         host["s"] += time.perf_counter() - t0
         host["n"] += 1
 

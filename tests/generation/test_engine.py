@@ -54,8 +54,8 @@ def test_decode_crosses_a_context_class():
     model = tiny_model("llama", attn_implementation="hf_efficient", seed=9)
     prompts = _prompts([250, 6], seed=9)
     engine = DecodeEngine(model, max_batch=2, max_tokens=2048, block_size=8, sync_every=4)
-    seen, context_class = set(), engine._context_class
-    engine._context_class = lambda b: seen.add(context_class(b)) or context_class(b)
+    seen, context_class = set(), engine.runner.context_class
+    engine.runner.context_class = lambda b, longest: seen.add(context_class(b, longest)) or context_class(b, longest)
     groups = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12))
     for prompt, (req,) in zip(prompts, groups):
         assert req.output == _hf_greedy(model, prompt, 12)

@@ -54,7 +54,7 @@ def test_native_matches_model_forward(family):
     alone = native.generate([prompts[2]], params)[0][0]
     assert native.stats.native_prefills == 1
     assert_within_noise(model, prompts[2:], [alone])
-    native.native_prefill_prompts = 8
+    native.runner.native_prefill_prompts = 8
     packed = [g[0] for g in native.generate(prompts, params)]
     assert native.stats.native_prefills == 2
     assert_within_noise(model, prompts, packed)
@@ -117,13 +117,13 @@ def test_auto_choice_gives_large_models_native_steps_at_small_batches_only(monke
     assert unsupported_reason(model) is None and dl.GEMV_MAX_M == 2
     engine = DecodeEngine(model, max_batch=8, max_tokens=256, block_size=8, cuda_graphs=False, sync_every=2)
     assert engine.stats.native_reason is None and engine.stats.native_max_batch == 2
-    buckets, forward = [], engine._native.forward
+    buckets, forward = [], engine.runner.native.forward
 
     def spy(tokens, *args, **kwargs):
         buckets.append(tokens.shape[0])
         return forward(tokens, *args, **kwargs)
 
-    engine._native.forward = spy
+    engine.runner.native.forward = spy
     lengths = (3, 3, 3, 3, 8, 12)  # bucket 8 (the forward) until four requests end, then 2, then 1 (native)
     prompts = _prompts([5, 9, 4, 7, 6, 3], model.config.vocab_size, seed=11)
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths]
