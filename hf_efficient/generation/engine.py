@@ -32,10 +32,9 @@ import os
 import torch
 
 from ..cache.paged import PagedCache
-from .native import AUTO_MAX_HIDDEN, NativeDecoder
-from .native import auto_choice as native_auto_choice
+from .native import NativeDecoder
+from .native import decide as native_decide
 from .native import structure_key as native_structure_key
-from .native import unsupported_reason as native_unsupported_reason
 from .output import OutputProcessor
 from .prefill import prefill
 from .request import EngineStats, Request
@@ -190,19 +189,7 @@ class DecodeEngine:
         key = native_structure_key(self.model)
         if key == self._checked:
             return
-        limit = self.native_max_batch
-        if self.native_request is False:
-            reason = "disabled (native=False)"
-        else:
-            reason = native_unsupported_reason(self.model)
-            if reason is None and self.native_request is None:
-                cap, reason = native_auto_choice(self.model)
-                if cap is not None and reason is None:
-                    limit = min(cap, self.native_max_batch)
-                    logger.info("native decode steps up to batch %d (hidden size > %d); larger batches run the "
-                                "model's forward", limit, AUTO_MAX_HIDDEN)
-            elif reason is not None and self.native_request:
-                raise ValueError(f"native=True, but the native decode step cannot serve this model: {reason}")
+        limit, reason = native_decide(self.model, self.native_request, self.native_max_batch)
         runner = self.runner
         runner.native_limit = limit
         if (reason is None) != (runner.native is not None):  # switching paths: graphs captured the other one

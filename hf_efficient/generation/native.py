@@ -26,6 +26,8 @@ projections, module hooks, dynamic rotary scaling, ...); the engine then runs th
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..attention.flash_api import flash_attn_varlen_func
@@ -147,6 +149,27 @@ def auto_choice(model) -> tuple[int | None, str | None]:
         return gemv_max_m(), None
     return 0, (f"hidden_size {hidden} > {AUTO_MAX_HIDDEN}: cuBLAS projections are faster at this size "
                    "(pass native=True to force the native step)")
+
+
+def decide(model, request: bool | None, max_batch: int) -> tuple[int, str | None]:
+    """The engine's native decode choice: (largest batch bucket decoded natively, why not at all or None).
+
+    ``request``: the engine's ``native`` argument (``None`` auto, ``True`` required, ``False`` off)."""
+    if request is False:
+        return max_batch, "disabled (native=False)"
+    reason = unsupported_reason(model)
+    if reason is not None and request:
+        raise ValueError(f"native=True, but the native decode step cannot serve this model: {reason}")
+    if reason is None and request is None:
+        cap, reason = auto_choice(model)
+        if cap is not None and reason is None:
+            _logger.info("native decode steps up to batch %d (hidden size > %d); larger batches run the model's "
+                         "forward", min(cap, max_batch), AUTO_MAX_HIDDEN)
+            return min(cap, max_batch), None
+    return max_batch, reason
+
+
+_logger = logging.getLogger(__name__)
 
 
 class NativeDecoder:

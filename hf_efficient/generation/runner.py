@@ -231,32 +231,34 @@ class ModelRunner:
         self.sampler.sample_commit(logits, commit, greedy_only=key.greedy_only, skip_penalty=key.skip_penalty,
                                    candidates=key.candidates, fused=self.fused_step)
 
-    def score(self, tokens: torch.Tensor, seqs: list[tuple[list[int], int]], start: list[int]) -> torch.Tensor:
-        """Logits of ``k`` new tokens per active slot in one forward (the verify step of speculative decoding).
+    def score(self, tokens: torch.Tensor, seqs: list[tuple[list[int], int]]) -> torch.Tensor:
+        """Logits of ``k`` new tokens per sequence in one forward (the verify step of speculative decoding).
 
         Args:
-            tokens: ``(n, k)`` int64 token ids for slots ``0 .. n-1`` (``1 <= k <= 16``).
-            seqs: (blocks, stored tokens including the ``k`` new ones) per slot, from ``Scheduler.reserve(k)``.
-            start: position of each slot's first new token.
+            tokens: ``(n, k)`` int64 token ids, one row per sequence (``1 <= k <= 16``).
+            seqs: ``(blocks, stored)`` per sequence after ``Scheduler.reserve(k)``: the ``k`` new tokens are the
+                last ``k`` of ``stored``.
 
-        Returns ``(n, k, vocab)`` logits; the new tokens' K/V are in the cache (roll back rejected ones with
-        ``Scheduler.rollback``). Runs eagerly (the model's forward).
+        Returns ``(n, k, vocab)`` logits; the new tokens' K/V are in the cache (``Scheduler.rollback`` removes
+        rejected ones). Runs the model's forward eagerly.
         """
         n, k = tokens.shape
         if not 1 <= k <= 16:
             raise ValueError(f"score takes 1 to 16 tokens per sequence, got {k}")
-        mgr = self.cache.blocks
-        pos = torch.tensor(start)[:, None] + torch.arange(k)
+        if len(seqs) != n:
+            raise ValueError(f"score got {n} rows of tokens but {len(seqs)} sequences")
+        mgr, dev = self.cache.blocks, self.device
+        start = [stored - k for _, stored in seqs]
         slots = torch.cat([mgr.slots(blocks, s, s + k) for (blocks, _), s in zip(seqs, start)])
         table = torch.full((n, self.max_blocks), self.scratch, dtype=torch.int32)
         for i, (blocks, _) in enumerate(seqs):
             table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-        dev = self.device
-        plan = StepPlan(q_len=k, lens_before=list(start), n_new=[k] * n, q_idx=None, write_slots=slots.to(dev),
+        plan = StepPlan(q_len=k, lens_before=start, n_new=[k] * n, q_idx=None, write_slots=slots.to(dev),
                         block_table=table.to(dev),
-                        cache_seqlens=torch.tensor([s + k for s in start], dtype=torch.int32, device=dev),
-                        seqs=[(blocks, s + k) for (blocks, _), s in zip(seqs, start)])
+                        cache_seqlens=torch.tensor([n_ for _, n_ in seqs], dtype=torch.int32, device=dev),
+                        seqs=[(list(blocks), stored) for blocks, stored in seqs])
         self.cache.use_plan(plan)
+        pos = torch.tensor(start)[:, None] + torch.arange(k)
         out = self.model(input_ids=tokens.to(dev), position_ids=pos.to(dev), **self.cache_kw, use_cache=True)
         return out.logits
 
