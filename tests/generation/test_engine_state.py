@@ -174,3 +174,36 @@ def test_oversized_request_is_refused_up_front(model):
     with pytest.raises(ValueError, match="max_tokens=1000000000"):
         engine.generate([PROMPTS[0]], SamplingParams(max_tokens=10**9))
     _assert_clean(engine)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("where, n", [("prefill", 2), ("decode", 2), ("on_update", 2), ("sample_commit", 1),
+                                      ("sample_commit", 3)])
+def test_graph_engine_is_as_before_after_an_exception(where, n):
+    """On the GPU with CUDA graphs: an exception in a prefill, a replayed step, a callback, a warm-up (sample_commit
+    call 1) or a capture (call 3) leaves the engine clean and correct."""
+    model = tiny_model("llama", attn_implementation="hf_efficient", seed=11, dtype=torch.bfloat16).cuda()
+    kw = dict(max_batch=4, max_tokens=512, block_size=16, sync_every=3, cuda_graphs=True)
+    want = [g[0].output for g in DecodeEngine(model, **kw).generate(PROMPTS, PARAMS)]
+    engine = DecodeEngine(model, **kw)
+    on_update, undo = None, (lambda: None)
+    if where == "prefill":
+        undo = _fail_on_call(engine_mod, "prefill", n)
+    elif where == "decode":
+        undo = _fail_on_call(engine.runner, "decode", n)
+    elif where == "sample_commit":
+        undo = _fail_on_call(engine.runner.sampler, "sample_commit", n)
+    else:
+        def on_update(reqs, calls=[]):  # noqa: B006
+            calls.append(1)
+            if len(calls) == n:
+                raise Boom("on_update")
+    try:
+        with pytest.raises(Boom):
+            engine.generate(PROMPTS, PARAMS, on_update=on_update)
+    finally:
+        undo()
+    torch.cuda.synchronize()
+    _assert_clean(engine)
+    assert [g[0].output for g in engine.generate(PROMPTS, PARAMS)] == want
+    _assert_clean(engine)
