@@ -111,7 +111,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             first valid key of a contiguous cache.
         block_table: (batch, max_blocks_per_seq) int32.
         softmax_scale: default head_dim ** -0.5. causal: bottom-right aligned. window_size: (left,
-            right), -1 unbounded; any int-like pair (tuple/list of ints, numpy integers, integer tensors). softcap: > 0 applies cap * tanh(s / cap). alibi_slopes: (nheads,) or
+            right), -1 unbounded; any int-like pair (tuple/list of ints, numpy integers, integer
+            tensors). softcap: > 0 applies cap * tanh(s / cap). alibi_slopes: (nheads,) or
             (batch, nheads) fp32. num_splits: split-KV factor, 0 = heuristic.
         return_softmax_lse: also return lse (batch, nheads, seqlen_q) fp32.
     Returns:

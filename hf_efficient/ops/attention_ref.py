@@ -22,16 +22,9 @@ import math
 
 import torch
 
+from ._common import window_pair
+
 __all__ = ["attention_ref", "attention_varlen_ref", "visible_mask"]
-
-
-def _check_window(window_size) -> tuple[int, int]:
-    if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2):
-        raise TypeError(f"window_size must be a pair (left, right) of ints, got {window_size!r}")
-    left, right = (int(w) for w in window_size)
-    if left < -1 or right < -1:
-        raise ValueError(f"window_size entries must be >= -1 (-1 = unbounded), got {window_size!r}")
-    return left, right
 
 
 def visible_mask(
@@ -42,7 +35,7 @@ def visible_mask(
     device: torch.device | str | None = None,
 ) -> torch.Tensor | None:
     """Boolean ``(seqlen_q, seqlen_k)`` mask of the keys each query sees, or ``None`` when it sees all."""
-    left, right = _check_window(window_size)
+    left, right = window_pair(window_size)
     if causal:
         right = 0
     if left < 0 and right < 0:
@@ -122,7 +115,7 @@ def _prepare(q, k, v, softmax_scale, window_size, alibi_slopes, dropout_p, dropo
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if dropout_p > 0 and dropout_mask is None:
         raise ValueError("the reference needs an explicit dropout_mask when dropout_p > 0")
-    window = _check_window(window_size)
+    window = window_pair(window_size)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if alibi_slopes is not None and alibi_slopes.shape[-1] != nheads:
         raise ValueError(f"alibi_slopes must have shape (nheads,) or (batch, nheads), got {tuple(alibi_slopes.shape)}")
