@@ -170,6 +170,12 @@ class PagedCache(Cache):
             layer.k_pool[dst].copy_(layer.k_pool[src])
             layer.v_pool[dst].copy_(layer.v_pool[src])
 
+    def zero_block(self, block: int) -> None:
+        """Fill a block's keys and values with zeros in every layer (a scratch block for idle batch rows)."""
+        for layer in self.layers_initialized:
+            layer.k_pool[block].zero_()
+            layer.v_pool[block].zero_()
+
     def use_plan(self, plan: StepPlan) -> None:
         """Run the next forward with ``plan`` (write slots, block table, lengths) instead of planning it from the
         cache's own sequences: for callers that keep their own block lists (the decode engine). Attention gathers

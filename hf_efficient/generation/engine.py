@@ -160,10 +160,8 @@ class DecodeEngine:
             for layer in self.cache.layers:
                 layer.lazy_initialization(dummy, dummy)
             # Idle slots of a batch bucket write to and read from a zeroed scratch block (finite, never NaN).
-            (self.scratch,) = self.cache.blocks.allocator.allocate(1)
-            for layer in self.cache.layers:
-                layer.k_pool[self.scratch].zero_()
-                layer.v_pool[self.scratch].zero_()
+            (self.scratch,) = self.cache.blocks.allocate(1)
+            self.cache.zero_block(self.scratch)
             self.runner = ModelRunner(model, self.cache, scratch=self.scratch, max_batch=max_batch,
                                       max_blocks=self.max_blocks, sync_every=sync_every, cuda_graphs=self.cuda_graphs,
                                       stats=self.stats)
