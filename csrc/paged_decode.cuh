@@ -39,7 +39,7 @@ struct PagedDecodeParams {
   int rows_per_chunk;           // query rows (q_len * group) served by one thread block, <= 128
   int num_row_chunks;
   int m_tiles;                  // 16-row MMA tiles per block: 1, 2, 4 or 8
-  int variant;                  // tile/stage variant (0 = default; others for tuning)
+  int variant;                  // tile/stage variant: 0, or 3 (fewer stages, more blocks per SM); see Cfg
   int is_bf16;                  // 1: bfloat16, 0: float16
   int pdl;                      // 1: programmatic dependent launch (sm_90+): start before the previous kernel ends
 

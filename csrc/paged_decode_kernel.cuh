@@ -107,9 +107,10 @@ struct Cfg {
   static constexpr int THREADS = NUM_WARPS * 32;
   static constexpr int K_WARPS = NUM_WARPS / MT;  // warps that share one row tile, splitting keys
   static constexpr int N0 = (16 * K_WARPS > 8192 / D) ? 16 * K_WARPS : 8192 / D;
-  // Variants (used for MT == 1 tuning): 0 = N0 x 3 stages, 1 = N0 x 4, 2 = 2*N0 x 2, 3 = N0 x 2, 4 = 2*N0 x 3.
-  static constexpr int N = (V == 2 || V == 4) ? 2 * N0 : N0;  // keys per K/V tile
-  static constexpr int STAGES = V == 1 ? 4 : (V == 2 || V == 3) ? 2 : 3;
+  // Variants: 0 = N0 keys x 3 stages; 3 = N0 x 2 stages (MT == 1 only: more resident blocks per SM). The numbers
+  // are those of the tuning sweeps; variants 1, 2 and 4 (N0 x 4, 2*N0 x 2, 2*N0 x 3) never won one and are gone.
+  static constexpr int N = N0;  // keys per K/V tile
+  static constexpr int STAGES = V == 3 ? 2 : 3;
   // Resident blocks per SM the register allocation must allow (the hot loop must not spill): 1 = cap 255.
   // Variant 3 at head dim 64 is capped at 168 registers (three blocks per SM; unbounded it takes ~190, two
   // blocks): +25% at 64 x 4096 (H200 sweep). Head dim 128 spills under that cap and keeps two blocks per SM.
@@ -654,20 +655,15 @@ const char* info_config(int device, int info[4]) {
   return nullptr;
 }
 
-// Variants 1..4 are compiled for the hot path only (bf16, one row tile, head dim 64/128).
+// Variant 3 is compiled for the hot path only (bf16, one row tile, head dim 64/128); any other variant number
+// runs variant 0.
 template <typename T, int D>
 constexpr bool kHasVariants = (D == 64 || D == 128) && std::is_same<T, __nv_bfloat16>::value;
 
 template <typename T, int D, int MT>
 const char* launch_mt(const PagedDecodeParams& p, cudaStream_t stream) {
   if constexpr (MT == 1 && kHasVariants<T, D>) {
-    switch (p.variant) {
-      case 1: return launch_config<T, D, 1, 1>(p, stream);
-      case 2: return launch_config<T, D, 1, 2>(p, stream);
-      case 3: return launch_config<T, D, 1, 3>(p, stream);
-      case 4: return launch_config<T, D, 1, 4>(p, stream);
-      default: break;
-    }
+    if (p.variant == 3) return launch_config<T, D, 1, 3>(p, stream);
   }
   return launch_config<T, D, MT, 0>(p, stream);
 }
@@ -675,13 +671,7 @@ const char* launch_mt(const PagedDecodeParams& p, cudaStream_t stream) {
 template <typename T, int D, int MT>
 const char* info_mt(int variant, int device, int info[4]) {
   if constexpr (MT == 1 && kHasVariants<T, D>) {
-    switch (variant) {
-      case 1: return info_config<T, D, 1, 1>(device, info);
-      case 2: return info_config<T, D, 1, 2>(device, info);
-      case 3: return info_config<T, D, 1, 3>(device, info);
-      case 4: return info_config<T, D, 1, 4>(device, info);
-      default: break;
-    }
+    if (variant == 3) return info_config<T, D, 1, 3>(device, info);
   }
   return info_config<T, D, MT, 0>(device, info);
 }

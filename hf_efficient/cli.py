@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hf-efficient", description="Fast attention, generation and RLHF for transformers.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    env = sub.add_parser("env", help="versions, GPU, compilers and which kernel each op uses")
+    env = sub.add_parser("env", help="versions, GPU, compilers, which kernel each op uses, and every knob")
     env.add_argument("--json", action="store_true", help="print the report as JSON")
 
     gen = sub.add_parser("generate", help="chat with a model (default: the embedded SmolLM2-135M-Instruct)")
@@ -74,8 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_env(args) -> int:
-    from . import env
+    from . import env, tuning
 
+    try:
+        tuning.get()
+    except ValueError as err:  # a knob's variable holds a bad value
+        sys.stderr.write(f"hf-efficient env: error: {err}\n")
+        return 2
     rep = env.report()
     if args.json:
         print(json.dumps(rep, indent=1))
@@ -99,9 +104,22 @@ def _cmd_env(args) -> int:
     from . import patches
 
     print("patches: " + ", ".join(f"{n}{' (active)' if n in patches.active() else ''}" for n in patches.available()))
-    if rep["env_vars"]:
-        print("env: " + ", ".join(f"{k}={v}" for k, v in rep["env_vars"].items()))
+    print(_knob_table(rep["tuning"]))
+    known = {row["env"] for row in rep["tuning"]}
+    unknown = [k for k in rep["env_vars"] if k not in known and k != "TRITON_INTERPRET"]
+    if unknown:
+        print("not knobs (misspelt or retired; ignored): " + ", ".join(unknown))
     return 0
+
+
+def _knob_table(rows: list[dict]) -> str:
+    """The tuning table as aligned text: knob, current value, default, source, audience (docs/tuning.md)."""
+    head = ("knob", "value", "default", "source", "audience", "variable")
+    cells = [head] + [(r["name"], r["value"], r["default"], r["source"], r["audience"], r["env"]) for r in rows]
+    widths = [max(len(str(c[i])) for c in cells) for i in range(len(head))]
+    lines = ["knobs (docs/tuning.md; source: default, environment or override):"]
+    lines += ["  " + "  ".join(str(c[i]).ljust(widths[i]) for i in range(len(head))).rstrip() for c in cells]
+    return "\n".join(lines)
 
 
 def _cmd_generate(args) -> int:

@@ -1,4 +1,5 @@
-"""Environment report: versions, GPU, compilers, and which implementation each op will use (and why)."""
+"""Environment report: versions, GPU, compilers, which implementation each op will use (and why), and every knob of
+the tuning table (:mod:`hf_efficient.tuning`) with its value and where it came from."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 import platform
 import shutil
 import subprocess
+
+from . import tuning
 
 
 def _version(dist: str) -> str | None:
@@ -91,8 +94,8 @@ def decode_launch_backend() -> dict:
         return {"impl": "off", "why": "no CUDA GPU"}
     from .ops._common import pdl_enabled
 
-    if os.environ.get("HF_EFFICIENT_PDL", "1") == "0":
-        return {"impl": "off", "why": "HF_EFFICIENT_PDL=0"}
+    if not tuning.get().pdl:
+        return {"impl": "off", "why": "the pdl knob is off (HF_EFFICIENT_PDL=0)"}
     if pdl_enabled(torch.device("cuda", torch.cuda.current_device())):
         return {"impl": "programmatic dependent launch", "why": "compute capability >= 9.0 and triton exposes it"}
     return {"impl": "plain launches", "why": "needs compute capability >= 9.0 and triton.language.extra.cuda.gdc_wait"}
@@ -117,9 +120,11 @@ def report() -> dict:
             "paged_decode": paged_decode_backend(),
             "decode_launch": decode_launch_backend(),
         },
-        # every knob of ours that is set (kernel variants, tuning, paths), so a report says how figures were taken
+        # every knob (value, default, source, audience), so a report says how figures were taken
+        "tuning": tuning.report(),
+        # the raw variables of ours that are set (a misspelt or retired one shows here but not in "tuning")
         "env_vars": {k: v for k, v in sorted(os.environ.items())
-                     if k.startswith("HF_EFFICIENT_") or k == "TRITON_INTERPRET"},
+                     if k.startswith(tuning.PREFIX) or k == "TRITON_INTERPRET"},
     }
 
 

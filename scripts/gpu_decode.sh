@@ -22,9 +22,9 @@ if [[ $INTREE == 0 ]]; then
     touch "$ISO/hf_efficient/__init__.py" "$ISO/hf_efficient/ops/__init__.py" \
           "$ISO/hf_efficient/attention/__init__.py" "$ISO/hf_efficient/bench/__init__.py" \
           "$ISO/tests/__init__.py" "$ISO/tests/ops/__init__.py"
-    cp hf_efficient/_version.py "$ISO/hf_efficient/"
-    cp hf_efficient/ops/jit.py hf_efficient/ops/paged_decode.py hf_efficient/ops/paged_decode_triton.py \
-       "$ISO/hf_efficient/ops/"
+    cp hf_efficient/_version.py hf_efficient/tuning.py "$ISO/hf_efficient/"
+    cp hf_efficient/ops/_common.py hf_efficient/ops/jit.py hf_efficient/ops/paged_decode.py \
+       hf_efficient/ops/paged_decode_triton.py "$ISO/hf_efficient/ops/"
     cp hf_efficient/attention/kvcache_api.py "$ISO/hf_efficient/attention/"
     cp hf_efficient/bench/decode.py "$ISO/hf_efficient/bench/"
     cp -r csrc "$ISO/"

@@ -3,7 +3,7 @@
 For the SmolLM2 shape and the 1B Llama shape it times engine variants (``VARIANTS``, batch 1 unless named:
 programmatic dependent launch off, rotary as its own kernel, larger prefetch tiles, one-row kernels off or retiled,
 the model's forward instead of the native step, no run-ahead, forced attention-kernel variants, fused step
-bookkeeping off; batches of 2, 4 and 8 with the one-row kernels, the tile kernels or the model's forward): tokens/s of
+bookkeeping off; each variant's knobs are a ``tuning.override()`` around building and running its engine; batches of 2, 4 and 8 with the one-row kernels, the tile kernels or the model's forward): tokens/s of
 one 256-token greedy call, back-to-back replays of the captured step, and at batch 1 the GPU timeline of one call
 from the profiler: busy time, the idle gaps between kernels, and the host functions running during the largest
 gaps. Writes ``probe.json`` (and a gzipped trace of one call) into the given folder.
@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from hf_efficient import tuning
 from hf_efficient.bench.generate import _timed, replay_ms_per_step
 from hf_efficient.generation.engine import DecodeEngine
 from hf_efficient.generation.sampling import SamplingParams
@@ -118,59 +119,52 @@ def _phases(engine, prompt, params) -> dict:
     return {"total": 1e3 * total, **{n: 1e3 * v for n, v in spent.items()}}
 
 
-VARIANTS = {  # label: (environment, engine keywords)
+VARIANTS = {  # label: (tuning.override() fields, engine keywords)
     "default": ({}, {}),
-    "pdl off": ({"HF_EFFICIENT_PDL": "0"}, {}),
-    "rope as its own kernel": ({"HF_EFFICIENT_FUSED_ROPE": "0"}, {}),
-    "prefetch tile 16k": ({"HF_EFFICIENT_PREFETCH_TILE": "16384"}, {}),
+    "pdl off": ({"pdl": False}, {}),
+    "rope as its own kernel": ({"fused_rope": False}, {}),
+    "prefetch tile 16k": ({"prefetch_tile": 16384}, {}),
     "no run-ahead": ({}, {"run_ahead": False}),
-    "fused step off": ({"HF_EFFICIENT_FUSED_STEP": "0"}, {}),
-    "gemv off": ({"HF_EFFICIENT_GEMV": "0"}, {}),
-    "gemv 1 warp tile 4k": ({"HF_EFFICIENT_GEMV_TILE": "4096", "HF_EFFICIENT_GEMV_WARPS": "1"}, {}),
-    "gemv 8 warps tile 16k": ({"HF_EFFICIENT_GEMV_TILE": "16384", "HF_EFFICIENT_GEMV_WARPS": "8"}, {}),
-    "gemv 4 warps tile 4k": ({"HF_EFFICIENT_GEMV_TILE": "4096", "HF_EFFICIENT_GEMV_WARPS": "4"}, {}),
-    "gemv 4 warps tile 8k": ({"HF_EFFICIENT_GEMV_TILE": "8192", "HF_EFFICIENT_GEMV_WARPS": "4"}, {}),
-    "gemv 16 warps tile 32k": ({"HF_EFFICIENT_GEMV_TILE": "32768", "HF_EFFICIENT_GEMV_WARPS": "16"}, {}),
-    "gemv persistent": ({"HF_EFFICIENT_GEMV_PERSISTENT": "1"}, {}),
+    "fused step off": ({"fused_step": False}, {}),
+    "gemv off": ({"gemv": False}, {}),
+    "gemv 1 warp tile 4k": ({"gemv_tile": 4096, "gemv_warps": 1}, {}),
+    "gemv 8 warps tile 16k": ({"gemv_tile": 16384, "gemv_warps": 8}, {}),
+    "gemv 4 warps tile 4k": ({"gemv_tile": 4096, "gemv_warps": 4}, {}),
+    "gemv 4 warps tile 8k": ({"gemv_tile": 8192, "gemv_warps": 4}, {}),
+    "gemv 16 warps tile 32k": ({"gemv_tile": 32768, "gemv_warps": 16}, {}),
+    "gemv persistent": ({"gemv_persistent": True}, {}),
     "model forward": ({}, {"native": False}),
     "auto": ({}, {"native": None}),
-    "decode v1": ({"HF_EFFICIENT_PAGED_DECODE_VARIANT": "1"}, {}),
-    "decode v2": ({"HF_EFFICIENT_PAGED_DECODE_VARIANT": "2"}, {}),
-    "decode v4": ({"HF_EFFICIENT_PAGED_DECODE_VARIANT": "4"}, {}),
+    # the attention kernel's variants forced (the plan picks 0 or 3 per call)
+    "decode v0": ({"paged_decode_variant": 0}, {}),
+    "decode v3": ({"paged_decode_variant": 3}, {}),
     # small batches (B prompts decoded together; tok/s counts all of them): the one-row kernels at B rows vs the
     # tile kernels vs the model's forward, and what the automatic choice picks
     "batch 2": ({}, {"batch": 2}),
-    "batch 2 tile kernels": ({"HF_EFFICIENT_GEMV_MAX_M": "1"}, {"batch": 2}),
+    "batch 2 tile kernels": ({"gemv_max_m": 1}, {"batch": 2}),
     "batch 2 model forward": ({}, {"batch": 2, "native": False}),
-    "gemv not persistent": ({"HF_EFFICIENT_GEMV_PERSISTENT": "0"}, {}),
-    "batch 4": ({"HF_EFFICIENT_GEMV_MAX_M": "4"}, {"batch": 4}),
+    "gemv not persistent": ({"gemv_persistent": False}, {}),
+    "batch 4": ({"gemv_max_m": 4}, {"batch": 4}),
     "batch 4 tile kernels": ({}, {"batch": 4}),
     "batch 4 model forward": ({}, {"batch": 4, "native": False}),
     "batch 4 auto": ({}, {"batch": 4, "native": None}),
     "batch 8": ({}, {"batch": 8}),
-    "batch 8 one-row kernels": ({"HF_EFFICIENT_GEMV_MAX_M": "8"}, {"batch": 8}),
+    "batch 8 one-row kernels": ({"gemv_max_m": 8}, {"batch": 8}),
     "batch 8 model forward": ({}, {"batch": 8, "native": False}),
-    # the one-row kernels taking all rows at once (HF_EFFICIENT_GEMV_ROW_PARALLEL) instead of one after another
-    "batch 2 rows at once": ({"HF_EFFICIENT_GEMV_ROW_PARALLEL": "1"}, {"batch": 2}),
-    "batch 4 rows at once": ({"HF_EFFICIENT_GEMV_ROW_PARALLEL": "1", "HF_EFFICIENT_GEMV_MAX_M": "4"}, {"batch": 4}),
-    "batch 8 rows at once": ({"HF_EFFICIENT_GEMV_ROW_PARALLEL": "1", "HF_EFFICIENT_GEMV_MAX_M": "8"}, {"batch": 8}),
 }
-KNOBS = ("HF_EFFICIENT_PDL", "HF_EFFICIENT_GEMV", "HF_EFFICIENT_GEMV_TILE", "HF_EFFICIENT_GEMV_MAX_M",
-         "HF_EFFICIENT_GEMV_ROW_PARALLEL",
-         "HF_EFFICIENT_GEMV_WARPS", "HF_EFFICIENT_GEMV_PERSISTENT", "HF_EFFICIENT_FUSED_ROPE", "HF_EFFICIENT_PREFETCH_TILE",
-         "HF_EFFICIENT_PAGED_DECODE_VARIANT", "HF_EFFICIENT_FUSED_STEP")
 # PROBE_LABELS="default,fused step off": run only these variants (PROBE_LABELS_LLAMA1B etc.: for one shape); PROBE_LIGHT=1: skip the host-phase and timeline
 # parts (tok/s and replay times only)
 LIGHT = os.environ.get("PROBE_LIGHT", "0") == "1"
 
 
 def _one(model, prompt, shape: str, label: str, out: Path) -> dict:
-    env, kw = VARIANTS[label]
-    kw = dict(kw)
+    knobs, kw = VARIANTS[label]
+    with tuning.override(**knobs):  # the engine is built and its graphs captured inside
+        return _measure(model, prompt, shape, label, out, dict(kw))
+
+
+def _measure(model, prompt, shape: str, label: str, out: Path, kw: dict) -> dict:
     batch = kw.pop("batch", 1)
-    for knob in KNOBS:
-        os.environ.pop(knob, None)
-    os.environ.update(env)
     engine = DecodeEngine(model, max_batch=batch, max_tokens=1024 * batch, sync_every=16,
                           **{"native": True, **kw})
     prompts = [[t + 7 * i for t in prompt] for i in range(batch)]
@@ -192,8 +186,6 @@ def _one(model, prompt, shape: str, label: str, out: Path) -> dict:
         row["timeline_64"] = _timeline(engine, prompt, p64, trace)
     print(shape, label, {k: v for k, v in row.items() if k not in ("timeline_64", "host_phases_ms_256")},
           flush=True)
-    for knob in KNOBS:
-        os.environ.pop(knob, None)
     return row
 
 

@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+from hf_efficient import tuning
 from hf_efficient.attention.flash_api import flash_attn_func
 from hf_efficient.bench.attention import host_us_per_call
 from hf_efficient.ops import flash_attn as fa
@@ -35,10 +36,9 @@ def main():
         ff.launch = lambda *a, **kw: None
         res["flash_fwd_without_launch"] = per_call_us(lambda: ff.flash_fwd(q, k, v, softmax_scale=0.1, causal=True))
         ff.launch = saved
-        import os
-        os.environ["HF_EFFICIENT_DIRECT_LAUNCH"] = "0"
-        res["flash_fwd_triton_launcher"] = per_call_us(lambda: ff.flash_fwd(q, k, v, softmax_scale=0.1, causal=True))
-        os.environ["HF_EFFICIENT_DIRECT_LAUNCH"] = "1"
+        with tuning.override(direct_launch=False):
+            res["flash_fwd_triton_launcher"] = per_call_us(
+                lambda: ff.flash_fwd(q, k, v, softmax_scale=0.1, causal=True))
     res["direct_launches"] = dict(ff.DIRECT_LAUNCHES)
     print(json.dumps(res))
     if len(sys.argv) > 1:

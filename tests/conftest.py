@@ -13,6 +13,10 @@ Fixtures (the real model's are session-scoped: obtained and loaded once per test
   set them; other changes (added tokens) are not allowed.
 - ``tiny_family``: parametrizes a test over ``hf_efficient.models.TINY_FAMILIES``; build the model
   with ``tiny_model(tiny_family, ...)``.
+- ``tune``: ``tune(field=value, ...)`` sets knobs of ``hf_efficient.tuning`` for the rest of the test (a
+  ``tuning.override`` undone at teardown; later calls apply on top). Tests change knobs this way, not through
+  ``HF_EFFICIENT_*`` variables: the table is read from the environment once per process (only the tests of that
+  reading set variables).
 
 Markers: ``gpu`` tests are skipped when no CUDA device is present; ``slow`` marks tests that use
 the real model (they run in CI, which selects ``-m "not gpu"``).
@@ -20,6 +24,7 @@ the real model (they run in CI, which selects ``-m "not gpu"``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -31,6 +36,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from hf_efficient import tuning  # noqa: E402
 from hf_efficient.models import (  # noqa: E402
     TINY_FAMILIES,
     load_smollm2,
@@ -81,3 +87,9 @@ def smollm2_tokenizer(_smollm2_tokenizer_session):
 @pytest.fixture(params=TINY_FAMILIES)
 def tiny_family(request):
     return request.param
+
+
+@pytest.fixture
+def tune():
+    with contextlib.ExitStack() as stack:
+        yield lambda **fields: stack.enter_context(tuning.override(**fields))

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from .. import tuning
+
 SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
 HEAD_DIMS = (64, 128)
 TOKENS = 16384
@@ -104,7 +106,7 @@ def _precompile(quick):
     """
     import multiprocessing as mp
 
-    jobs = [(d, c, tma) for d in HEAD_DIMS for c in (False, True) for tma in ("0", "1")]
+    jobs = [(d, c, tma) for d in HEAD_DIMS for c in (False, True) for tma in (False, True)]
     ctx = mp.get_context("spawn")
     with ctx.Pool(min(len(jobs), 8, os.cpu_count() or 1)) as pool:
         pool.starmap(_precompile_one, jobs)
@@ -117,18 +119,18 @@ def _precompile_one(d, causal, tma):
 
     s = 512
     heads = HIDDEN // d
-    os.environ["HF_EFFICIENT_FLASH_TMA"] = tma
-    grad = tma == "0"
-    q, k, v = (torch.randn(TOKENS // s, s, heads, d, device="cuda", dtype=torch.bfloat16,
-                           requires_grad=grad) for _ in range(3))
-    out = flash_attn_func(q, k, v, causal=causal)
-    if grad:
-        out.backward(torch.randn_like(out))
-    if grad and causal and d == 128:  # the varlen case
-        cu = torch.tensor([0, 300, 1024], dtype=torch.int32, device="cuda")
-        qv, kv, vv = (x.detach().reshape(-1, heads, d)[:1024].requires_grad_() for x in (q, k, v))
-        flash_attn_varlen_func(qv, kv, vv, cu, cu, 724, 724, causal=True).sum().backward()
-    torch.cuda.synchronize()
+    grad = not tma
+    with tuning.override(flash_tma=tma):
+        q, k, v = (torch.randn(TOKENS // s, s, heads, d, device="cuda", dtype=torch.bfloat16,
+                               requires_grad=grad) for _ in range(3))
+        out = flash_attn_func(q, k, v, causal=causal)
+        if grad:
+            out.backward(torch.randn_like(out))
+        if grad and causal and d == 128:  # the varlen case
+            cu = torch.tensor([0, 300, 1024], dtype=torch.int32, device="cuda")
+            qv, kv, vv = (x.detach().reshape(-1, heads, d)[:1024].requires_grad_() for x in (q, k, v))
+            flash_attn_varlen_func(qv, kv, vv, cu, cu, 724, 724, causal=True).sum().backward()
+        torch.cuda.synchronize()
 
 
 def _chosen_configs():
@@ -168,7 +170,7 @@ def run(out_dir, quick=False) -> dict:
     torch.manual_seed(0)
     name = torch.cuda.get_device_name()
     slug = gpu_slug(name)
-    if os.environ.get("HF_EFFICIENT_BENCH_PRECOMPILE", "1") == "1":
+    if tuning.get().bench_precompile:
         _precompile(quick)
     flash, cudnn = _sdpa(SDPBackend.FLASH_ATTENTION), _sdpa(SDPBackend.CUDNN_ATTENTION)
     rows, variants, checks = [], [], []
@@ -177,7 +179,7 @@ def run(out_dir, quick=False) -> dict:
               "checks": checks}
     dest = Path(out_dir) / slug
     dest.mkdir(parents=True, exist_ok=True)
-    env_tma = os.environ.get("HF_EFFICIENT_FLASH_TMA", "0")
+    tma = tuning.get().flash_tma
     t0 = time.time()
     for d, causal, s in _dense_cases(quick):
         heads, batch = HIDDEN // d, TOKENS // s
@@ -190,9 +192,8 @@ def run(out_dir, quick=False) -> dict:
         cu_f, cu_b = _time_pair(lambda q, k, v, c=causal: cudnn(q, k, v, c), (q, k, v))
         extra = {}
         # Alternative path of ours, for the record: K/V through TMA descriptors in the forward.
-        os.environ["HF_EFFICIENT_FLASH_TMA"] = "0" if env_tma == "1" else "1"
-        extra["fwd_tma" if env_tma != "1" else "fwd_no_tma"] = _bench(lambda f=ours, a=(q, k, v): f(*a))
-        os.environ["HF_EFFICIENT_FLASH_TMA"] = env_tma
+        with tuning.override(flash_tma=not tma):
+            extra["fwd_no_tma" if tma else "fwd_tma"] = _bench(lambda f=ours, a=(q, k, v): f(*a))
         if s <= 1024:  # short rows: GPU-only forward time (CUDA graph replay, no host overhead)
             extra["fwd_graph_ours"] = _graph_ms(lambda f=ours, a=(q, k, v): f(*a))
             extra["fwd_graph_sdpa_flash"] = _graph_ms(lambda c=causal, a=(q, k, v): flash(*a, c))

@@ -20,9 +20,10 @@ import argparse
 import datetime
 import json
 import math
-import os
 import re
 from pathlib import Path
+
+from .. import tuning
 
 SHAPES = (("gqa32/8 d128", 32, 8, 128), ("smollm2 9/3 d64", 9, 3, 64))
 SIZES = ((1, 32768), (16, 4096), (64, 4096), (256, 1024), (64, "mixed"))
@@ -245,15 +246,15 @@ def run(out_dir, quick=False, sweep=False) -> dict:
 
 
 def _sweep(sets) -> dict:
-    """Tuning aid: our TB/s for every kernel variant x split count (``v2/s8``; ``s0`` = the heuristic's splits
-    for that variant), so the plan can be calibrated per device."""
-    from hf_efficient.ops.paged_decode import paged_decode
+    """Tuning aid: our TB/s for every kernel variant x split count (``v3/s8``; ``s0`` = the heuristic's splits
+    for that variant), so the plan can be calibrated per device. Forces each variant with the
+    ``paged_decode_variant`` knob."""
+    from hf_efficient.ops.paged_decode import KERNEL_VARIANTS, paged_decode
 
     out = {}
     case = sets[0]
-    try:
-        for variant in range(5):
-            os.environ["HF_EFFICIENT_PAGED_DECODE_VARIANT"] = str(variant)
+    for variant in KERNEL_VARIANTS:
+        with tuning.override(paged_decode_variant=variant):
             for s in (0, 1, 2, 4, 8, 16, 32, 64, 128):
                 fns = [lambda c=c, s=s: paged_decode(c.q, c.k_pool, c.v_pool, c.seqlens, c.table, num_splits=s,
                                                      max_seqlen_k=c.Lmax, avg_seqlen_k=sum(c.lens) // c.B)
@@ -262,8 +263,6 @@ def _sweep(sets) -> dict:
                     out[f"v{variant}/s{s}"] = case.needed_bytes() / time_calls(fns, rep_ms=50) / 1e12
                 except Exception as exc:
                     out[f"v{variant}/s{s}"] = type(exc).__name__
-    finally:
-        os.environ.pop("HF_EFFICIENT_PAGED_DECODE_VARIANT", None)
     return out
 
 

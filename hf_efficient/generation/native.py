@@ -21,7 +21,8 @@ nothing cached before them, up to ``NATIVE_PREFILL_TOKENS`` packed tokens) run t
 attention over each prompt, instead of the model's forward; longer ones keep the model's forward (cuBLAS GEMMs).
 :func:`unsupported_reason` says why a model is not served natively (other families, PEFT adapters or other wrapped
 projections, module hooks, dynamic rotary scaling, ...); the engine then runs the model's forward for decode too.
-``HF_EFFICIENT_FUSED_ROPE=0`` runs the rotary + K/V write as its own kernel (for comparisons).
+The ``fused_rope`` knob off (``HF_EFFICIENT_FUSED_ROPE=0``) runs the rotary + K/V write as its own kernel (for
+comparisons).
 """
 
 from __future__ import annotations
@@ -45,14 +46,11 @@ FAMILIES = ("llama", "mistral", "qwen2")
 #: Largest hidden size for which the engine picks the native step by itself at every small batch. Larger models
 #: get it at the batches the one-row projection kernels serve (``decode_linear.gemv_max_m()``, 1 and 2, and the
 #: native prefill of a prompt admitted alone), where those kernels stream the weights faster than cuBLAS; at larger
-#: batches the GEMM tiles lose to cuBLAS there. Measured on an H200: a 1B Llama shape (hidden 2048) at batch 1 runs
-#: 1103.5 tok/s native vs 604.8 with the model forward + fused_layers (bench generate); a captured step at batch 2
-#: takes 1.36 ms native vs 1.41 ms, at batch 4 1.82 ms native (tile kernels) vs 1.43 ms (probe).
+#: batches the GEMM tiles lose to cuBLAS there (measured on a 1B Llama shape: docs/benchmarks/NOTES.md).
 AUTO_MAX_HIDDEN = 1024
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")
-#: Longest context attended without KV splits in a native step. Measured on an H200 at batch 1, SmolLM2 shape,
-#: ~300 keys: with a 1024-key split plan the attention took ~11.5 us per layer (split kernel + merge kernel) and a
-#: captured step 0.98 ms; unsplit, a step took 0.89 ms (docs/benchmarks/NOTES.md).
+#: Longest context attended without KV splits in a native step: at short contexts the split kernel and its merge
+#: cost more than they save (measured at batch 1, SmolLM2 shape: docs/benchmarks/NOTES.md).
 SHORT_CONTEXT = 1024
 #: Longest prompt the engine prefills through the native kernels when it is admitted alone (longer prompts, and
 #: several prompts admitted together, go through the model's forward: cuBLAS GEMMs, and no new prefill graph per

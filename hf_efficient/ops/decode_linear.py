@@ -25,10 +25,9 @@ features, ``N`` output features; weights are ``(N, K)`` like ``nn.Linear``.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from .. import tuning
 from . import precompile
 from ._common import new_output, num_sms, pdl_enabled
 from .rmsnorm import fusable
@@ -347,41 +346,18 @@ if triton is not None:
         return x
 
     @triton.jit
-    def _gemv_inputs(X, sxm, rm, m_ok, nw, kk, k_ok, K, eps, HAS_NORM: tl.constexpr, dt):
-        """All input rows ``rm`` at once, (rows, 1, BLOCK_K): one load and (HAS_NORM) one RMS reduction for all of
-        them, in the layout of the products in :func:`_gemv_dots` (no layout conversion through shared memory)."""
-        x = tl.load(X + rm[:, None, None] * sxm + kk[None, None, :], mask=m_ok[:, None, None] & k_ok[None, None, :],
-                    other=0.0)
-        if HAS_NORM:
-            xf = x.to(tl.float32)
-            r = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=2) / K + eps)
-            x = (nw.to(tl.float32)[None, None, :] * (xf * r[:, :, None]).to(dt).to(tl.float32)).to(dt)
-        return x
-
-    @triton.jit
-    def _gemv_dots(w, x, b_ptr, rows, ok, HAS_BIAS: tl.constexpr):
-        """fp32 products of every input row of ``x`` (M, 1, BLOCK_K) with every weight row of ``w`` (R, BLOCK_K),
-        plus the biases: (M, R), the sums along K of all rows in one reduction."""
-        acc = tl.sum(w.to(tl.float32)[None, :, :] * x.to(tl.float32), axis=2)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rows, mask=ok, other=0.0).to(tl.float32)[None, :]
-        return acc
-
-    @triton.jit
     def _gemv_norm_kernel(
         X, NW, W0, W1, W2, B0, B1, B2, Y, K, N0, N1, T0, T1, N2, eps, sxm, sym,
         POS, INV, KP, VP, SLOTS, scaling, HK,
         HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
         PDL: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr, PERSIST: tl.constexpr, ROWS: tl.constexpr,
-        ROW_PAR: tl.constexpr, ROWS_P2: tl.constexpr,
     ):
         """ROWS input rows (1 to ``GEMV_MAX_M``: decode at small batches): RMSNorm then W0/W1/W2 side by side,
         each program BLOCK_R whole weight rows, fetched before waiting for the previous kernel and used for every
         input row; no split of K, so no fix-up. With ROPE (q/k/v), a program holds BLOCK_R rotary pairs of one
         head, rows j and j + HALF, and writes q or the K/V cache slot itself.
         PERSIST (ROWS == 1, not with ROPE): each program walks tiles pid, pid + programs, ..., loading the next
-        tile's weights while it multiplies the current one. ROW_PAR: all rows at once (one load, one reduction per
-        sum for all rows) instead of one row after another."""
+        tile's weights while it multiplies the current one. Otherwise the input rows come one after another."""
         pid = tl.program_id(0)
         w_ptr, b_ptr, tile, n_size, col0 = _side_by_side(pid, T0, T1, N0, N1, N2, W0, W1, W2, B0, B1, B2)
         dt = Y.dtype.element_ty
@@ -418,18 +394,6 @@ if triton is not None:
                 ok = ra < n_size
                 tl.store(Y + col0 + ra, _gemv_biased(wa, x, b_ptr, ra, ok, HAS_BIAS).to(dt), mask=ok)
                 wa = w_next
-        elif ROW_PAR:
-            rm = tl.arange(0, ROWS_P2)
-            m_ok = rm < ROWS
-            xs = _gemv_inputs(X, sxm, rm, m_ok, nw, kk, k_ok, K, eps, HAS_NORM, dt)
-            if ROPE:
-                acc = _gemv_dots(wa, xs, b_ptr, ra, ok, HAS_BIAS)
-                acc_b = _gemv_dots(wb, xs, b_ptr, ra + HALF, ok, HAS_BIAS)
-                _gemv_rope_store_rows(acc.to(dt).to(tl.float32), acc_b.to(dt).to(tl.float32), rm, m_ok, pid, T0,
-                                      T1, head, j, Y, sym, POS, INV, KP, VP, SLOTS, scaling, HK, HALF, dt)
-            else:
-                out = _gemv_dots(wa, xs, b_ptr, ra, ok, HAS_BIAS).to(dt)
-                tl.store(Y + rm[:, None] * sym + col0 + ra[None, :], out, mask=m_ok[:, None] & ok[None, :])
         else:
             for i in tl.static_range(ROWS):
                 x = _gemv_input(X + i * sxm, nw, kk, k_ok, K, eps, HAS_NORM, dt)
@@ -467,41 +431,14 @@ if triton is not None:
                 tl.store(VP + offs + HALF, o2.to(VP.dtype.element_ty))
 
     @triton.jit
-    def _gemv_rope_store_rows(x1, x2, rm, m_ok, pid, T0, T1, head, j, Y, sym, POS, INV, KP, VP, SLOTS, scaling, HK,
-                              HALF: tl.constexpr, dt):
-        """:func:`_gemv_rope_store` for all input rows ``rm`` at once: (x1, x2) are (rows, BLOCK_R); each row has
-        its own position and cache slot."""
-        D: tl.constexpr = 2 * HALF
-        if pid < T0 + T1:  # q or k: rotate
-            pos = tl.load(POS + rm, mask=m_ok, other=0).to(tl.float32)
-            ang = pos[:, None] * tl.load(INV + j).to(tl.float32)[None, :]
-            o1, o2 = _rotate_pair(x1, x2, ang, scaling, dt)
-        else:
-            o1 = x1.to(dt)
-            o2 = x2.to(dt)
-        mask = m_ok[:, None]
-        if pid < T0:
-            dst = Y + rm[:, None] * sym + head * D + j[None, :]
-            tl.store(dst, o1, mask=mask)
-            tl.store(dst + HALF, o2, mask=mask)
-        else:
-            offs = (tl.load(SLOTS + rm, mask=m_ok, other=0)[:, None] * HK + head) * D + j[None, :]
-            if pid < T0 + T1:
-                tl.store(KP + offs, o1.to(KP.dtype.element_ty), mask=mask)
-                tl.store(KP + offs + HALF, o2.to(KP.dtype.element_ty), mask=mask)
-            else:
-                tl.store(VP + offs, o1.to(VP.dtype.element_ty), mask=mask)
-                tl.store(VP + offs + HALF, o2.to(VP.dtype.element_ty), mask=mask)
-
-    @triton.jit
     def _gemv_residual_kernel(
         X, W, R, Y, K, N, sxm, srm, sym,
         SILU_MUL: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-        PDL: tl.constexpr, PERSIST: tl.constexpr, ROWS: tl.constexpr, ROW_PAR: tl.constexpr, ROWS_P2: tl.constexpr,
+        PDL: tl.constexpr, PERSIST: tl.constexpr, ROWS: tl.constexpr,
     ):
         """ROWS input rows (1 to ``GEMV_MAX_M``) of :func:`linear_residual`: BLOCK_R whole weight rows per program,
         fetched before waiting for the previous kernel and used for every input row; no split of K.
-        PERSIST (ROWS == 1) and ROW_PAR: as in ``_gemv_norm_kernel``."""
+        PERSIST (ROWS == 1): as in ``_gemv_norm_kernel``."""
         pid = tl.program_id(0)
         rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
         ok = rows < N
@@ -520,18 +457,6 @@ if triton is not None:
                 rows = t * BLOCK_R + tl.arange(0, BLOCK_R)
                 _gemv_residual_store(w, x, R, Y, rows, rows < N, HAS_RES, dt)
                 w = w_next
-        elif ROW_PAR:
-            rm = tl.arange(0, ROWS_P2)
-            m_ok = rm < ROWS
-            xs = _gemv_inputs(X, sxm, rm, m_ok, w, kk, k_ok, K, 0.0, False, dt)
-            if SILU_MUL:
-                xs = _silu_mul(xs, _gemv_inputs(X + K, sxm, rm, m_ok, w, kk, k_ok, K, 0.0, False, dt), dt)
-            out = _gemv_dots(w, xs, W, rows, ok, False).to(dt)
-            mask = m_ok[:, None] & ok[None, :]
-            if HAS_RES:
-                res = tl.load(R + rm[:, None] * srm + rows[None, :], mask=mask, other=0.0)
-                out = (out.to(tl.float32) + res.to(tl.float32)).to(dt)
-            tl.store(Y + rm[:, None] * sym + rows[None, :], out, mask=mask)
         else:
             for i in tl.static_range(ROWS):
                 x = _gemv_act(X + i * sxm, kk, k_ok, K, SILU_MUL, dt)
@@ -619,8 +544,7 @@ def tiles(m: int, n: int, k: int, device: torch.device, n_tiles: int | None = No
     bn = block_n or (64 if triton.cdiv(n, 64) >= 2 * sms else 32 if n >= 32 else 16)
     tiles_n = n_tiles(bn) if callable(n_tiles) else triton.cdiv(n, bn)
     if prefetch:
-        tile = int(os.environ.get("HF_EFFICIENT_PREFETCH_TILE", PREFETCH_TILE))
-        bk = max(16, min(triton.next_power_of_2(k), tile // bn))
+        bk = max(16, min(triton.next_power_of_2(k), tuning.get().prefetch_tile // bn))
         split = triton.cdiv(k, bk)
         if split <= MAX_SPLIT and tiles_n * split <= 8 * sms:
             return 16, bn, bk, 4 if bn * bk <= 8192 else 8, 1, split, bk
@@ -636,7 +560,9 @@ def _k_runs(k: int, split: int, bk: int) -> tuple[int, int]:
 
 
 MAX_SPLIT = 16
-PREFETCH_TILE = 8192  # weight elements one program holds in registers while it waits (64 per thread at 4 warps)
+#: Weight elements one program holds in registers while it waits (64 per thread at 4 warps); the default of the
+#: ``prefetch_tile`` knob.
+PREFETCH_TILE = tuning.DEFAULTS.prefetch_tile
 _WORKSPACE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 _RETIRED: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -718,42 +644,43 @@ def _check_norm_linear(x, weights, norm_weight, biases) -> list:
     return biases
 
 
-GEMV_TILE = 16384  # weight elements (zero padding included) one one-row program holds (see docs/benchmarks/NOTES.md)
-GEMV_WARPS = 8
+#: Weight elements (zero padding included) one one-row program holds, and its least warps: the defaults of the
+#: ``gemv_tile`` and ``gemv_warps`` knobs (chosen by probe sweeps, docs/benchmarks/NOTES.md).
+GEMV_TILE = tuning.DEFAULTS.gemv_tile
+GEMV_WARPS = tuning.DEFAULTS.gemv_warps
 GEMV_WARP_ELEMENTS = 4096  # at most this many per warp (128 per thread): more warps for longer rows
 GEMV_MAX_K = 16384
-#: Input rows the one-row kernels serve (decode batches 1-2); more rows use the GEMM tiles. Each further row adds
-#: its own post-wait chain (input load, norm and row sums, each a barrier round) to every kernel: on an H200 a
-#: captured step of the 1B Llama shape took 0.92 / 1.36 / 2.29 ms at 1 / 2 / 4 rows (tile kernels: 1.80 ms at 2
-#: and 4 rows), the SmolLM2 shape 0.45 ms at 1 row and 1.05 ms at 4 (tile kernels 0.83) (docs/benchmarks/NOTES.md).
-GEMV_MAX_M = 2
+#: Input rows the one-row kernels serve (decode batches 1-2; the default of the ``gemv_max_m`` knob); more rows use
+#: the GEMM tiles. Each further row adds its own post-wait chain (input load, norm and row sums, each a barrier
+#: round) to every kernel, so from 3-4 rows on the tile kernels are faster (measured: docs/benchmarks/NOTES.md).
+GEMV_MAX_M = tuning.DEFAULTS.gemv_max_m
 
 
 def gemv_max_m() -> int:
-    """Most input rows the one-row kernels take: ``GEMV_MAX_M``, ``HF_EFFICIENT_GEMV_MAX_M`` (1-16), or 0 with
-    ``HF_EFFICIENT_GEMV=0``."""
-    if os.environ.get("HF_EFFICIENT_GEMV", "1") == "0":
-        return 0
-    return min(16, max(1, int(os.environ.get("HF_EFFICIENT_GEMV_MAX_M", GEMV_MAX_M))))
+    """Most input rows the one-row kernels take: the ``gemv_max_m`` knob (default ``GEMV_MAX_M``), or 0 with the
+    ``gemv`` knob off."""
+    t = tuning.get()
+    return t.gemv_max_m if t.gemv else 0
 
 
 def gemv_plan(m: int, k: int, pairs: bool = False) -> tuple[int, int, int] | None:
     """(BLOCK_R, BLOCK_K, num_warps) of the one-row kernels (``m`` up to :func:`gemv_max_m`: decode at batch 1
     and small batches), or None when the GEMM tiles are used instead (more rows, ``K`` above ``GEMV_MAX_K``, or
-    ``HF_EFFICIENT_GEMV=0``).
+    the ``gemv`` knob off).
 
     Each program holds BLOCK_R whole weight rows (K padded to a power of two), ``2 * BLOCK_R`` rows when ``pairs``
     (the rotary pairs of the q/k/v epilogue), about ``GEMV_TILE`` elements: the whole tile is fetched before the
     wait for the previous kernel, and after it only the input rows, the products and a sum across each row remain
     (no split of K to fix up, no shared-memory staging of the weights for the tensor cores); each weight element
     is read once for all ``m`` rows.
-    ``HF_EFFICIENT_GEMV_TILE`` and ``HF_EFFICIENT_GEMV_WARPS`` (the least warps) override the defaults (tuning)."""
+    The ``gemv_tile`` and ``gemv_warps`` (the least warps) knobs override the defaults (tuning)."""
     if not 1 <= m <= gemv_max_m() or k > GEMV_MAX_K:
         return None
+    t = tuning.get()
     bk = triton.next_power_of_2(k)
     per_row = bk * (2 if pairs else 1)
-    rows = max(1, int(os.environ.get("HF_EFFICIENT_GEMV_TILE", GEMV_TILE)) // per_row)
-    warps = max(int(os.environ.get("HF_EFFICIENT_GEMV_WARPS", GEMV_WARPS)), rows * per_row // GEMV_WARP_ELEMENTS)
+    rows = max(1, t.gemv_tile // per_row)
+    warps = max(t.gemv_warps, rows * per_row // GEMV_WARP_ELEMENTS)
     return rows, bk, warps
 
 
@@ -763,24 +690,12 @@ GEMV_PERSISTENT_PER_SM = 2
 def _gemv_programs(tiles: int, device: torch.device, allowed: bool = True) -> tuple[int, bool]:
     """(programs, persistent) for ``tiles`` one-row tiles: for one input row (not the q/k/v kernel), at most
     ``GEMV_PERSISTENT_PER_SM`` programs per SM, each walking several tiles and loading the next one's weights while
-    it multiplies the current one (``HF_EFFICIENT_GEMV_PERSISTENT=0``: one program per tile). On an H200 the 1B
-    Llama shape's captured step took 0.84 ms with persistent programs vs 0.92 ms without (its 128k-row LM head is
-    16k tiles); the SmolLM2 shape 0.447 vs 0.446 ms."""
-    if not allowed or os.environ.get("HF_EFFICIENT_GEMV_PERSISTENT", "1") == "0":
+    it multiplies the current one (the ``gemv_persistent`` knob off: one program per tile). On by default: faster
+    where a projection has many more tiles than SMs (a large LM head), level elsewhere (docs/benchmarks/NOTES.md)."""
+    if not allowed or not tuning.get().gemv_persistent:
         return tiles, False
     programs = min(tiles, GEMV_PERSISTENT_PER_SM * num_sms(device))
     return programs, programs < tiles
-
-
-def _row_args(m: int) -> dict:
-    """How the one-row kernels take ``m`` input rows: one after another (the default), or all at once with
-    ``HF_EFFICIENT_GEMV_ROW_PARALLEL=1`` (one load and one reduction per sum for all rows). A variant, not yet
-    measured on a GPU (the rows one after another lose to the tile kernels from 3-4 rows on); compiled for sm_90
-    it has fewer barriers after the wait than the rows one after another (gate/up of a 1B model at 4 rows: 19 vs
-    31), except the q/k/v kernel at head dim 64 and K = 576 at 2 rows (51 vs 23), and at 8 rows the down
-    projection of a 1B model (K = 8192) spills registers."""
-    parallel = m > 1 and os.environ.get("HF_EFFICIENT_GEMV_ROW_PARALLEL", "0") == "1"
-    return {"ROW_PAR": parallel, "ROWS_P2": triton.next_power_of_2(m) if parallel else 1}
 
 
 def _launch_norm_linear(x, weights, norm_weight, eps, biases, y, ns, rope=None):
@@ -845,8 +760,8 @@ def _launch_gemv_norm(x, weights, norm_weight, eps, biases, y, ns, rope, pdl, ro
         r.get("positions", y), r.get("inv_freq", y), r.get("k_pool", y), r.get("v_pool", y), r.get("slots", y),
         float(r.get("scaling", 1.0)), int(r.get("nheads_k", 1)),
         HAS_NORM=norm_weight is not None, HAS_BIAS=has_bias, BLOCK_R=rows, BLOCK_K=bk, **_pdl_kw(pdl),
-        ROPE=rope is not None, HALF=r.get("head_dim", 2) // 2, PERSIST=persist, ROWS=m, **_row_args(m),
-        num_warps=warps, num_stages=1,
+        ROPE=rope is not None, HALF=r.get("head_dim", 2) // 2, PERSIST=persist, ROWS=m, num_warps=warps,
+        num_stages=1,
     )
     return y
 
@@ -856,15 +771,15 @@ def norm_linear_rope(x, weights, norm_weight, eps, biases, positions, inv_freq, 
     """:func:`norm_linear` of the q/k/v projections with :func:`rope_store` as its epilogue: one kernel instead of
     two. Same arguments and result as ``rope_store(norm_linear(x, weights, norm_weight, eps, biases), positions,
     inv_freq, scaling, nheads, nheads_k, k_pool, v_pool, slots)``, same rounding. Head dims 16-256 (powers of
-    two) run fused; others, CPU without the interpreter, and ``HF_EFFICIENT_FUSED_ROPE=0`` (for comparisons) run
-    the two ops."""
+    two) run fused; others, CPU without the interpreter, and the ``fused_rope`` knob off (for comparisons) run the
+    two ops."""
     d = k_pool.shape[-1]
     if len(weights) != 3 or [w.shape[0] for w in weights] != [nheads * d, nheads_k * d, nheads_k * d]:
         raise ValueError(f"weights must be the q, k, v projections with {nheads * d}, {nheads_k * d} and "
                          f"{nheads_k * d} rows, got {[tuple(w.shape) for w in weights]}")
     biases = _check_norm_linear(x, weights, norm_weight, biases)
     extra = [t for t in [norm_weight, *biases] if t is not None]
-    if (d not in (16, 32, 64, 128, 256) or os.environ.get("HF_EFFICIENT_FUSED_ROPE", "1") == "0"
+    if (d not in (16, 32, 64, 128, 256) or not tuning.get().fused_rope
             or not kernels_usable(x, *weights, *extra, k_pool, v_pool)):
         qkv = norm_linear(x, weights, norm_weight, eps, biases)
         return rope_store(qkv, positions, inv_freq, scaling, nheads, nheads_k, k_pool, v_pool, slots)
@@ -929,7 +844,7 @@ def linear_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tenso
             _gemv_residual_kernel, (programs,), x, weight, residual if residual is not None else y, y,
             k, n, x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
             SILU_MUL=silu_mul, HAS_RES=residual is not None, BLOCK_R=rows, BLOCK_K=bk, **_pdl_kw(pdl),
-            PERSIST=persist, ROWS=m, **_row_args(m), num_warps=warps, num_stages=1,
+            PERSIST=persist, ROWS=m, num_warps=warps, num_stages=1,
         )
         return y
     bm, bn, bk, warps, stages, split, k_per = tiles(m, n, k, x.device, prefetch=_prefetch(x.device))

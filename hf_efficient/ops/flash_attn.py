@@ -343,8 +343,8 @@ flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 class _FlashAttnFunction(torch.autograd.Function):
     """Eager-mode twin of the custom op: the same launchers with far less dispatch overhead.
 
-    A ``torch.library`` op with Python autograd costs ~0.2 ms per call on the host, which is
-    more than the whole kernel at short sequence lengths; eager calls therefore come here.
+    A ``torch.library`` op with Python autograd costs more host time per call than the whole
+    kernel runs at short sequence lengths (docs/benchmarks/NOTES.md); eager calls therefore come here.
     The non-tensor arguments travel as one tuple (``apply`` pays per argument).
     """
 

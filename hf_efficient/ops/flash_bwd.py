@@ -10,10 +10,10 @@ Default ("split", atomic-free, bitwise reproducible), two launches:
    accumulates ``dV_j = sum_i P_ij^T dO_i`` and ``dK_j = sum_i dS_ij^T Q_i`` over the query
    blocks that see it, for every query head of its GQA group (no atomics).
 
-The split recomputes ``QK^T`` and ``dO V^T`` in the dQ kernel (7 matmuls instead of 5); on an
-H100 that measured faster than the alternative ("atomic", ``HF_EFFICIENT_FLASH_BWD=atomic``):
-``_bwd_preprocess`` for delta, then the dK/dV kernel also adds ``dS_ij K_j`` into a float32 dQ
-buffer with atomics (not bit-reproducible).
+The split recomputes ``QK^T`` and ``dO V^T`` in the dQ kernel (7 matmuls instead of 5) and is the
+default because it measured faster (docs/benchmarks/NOTES.md) than the alternative ("atomic", the
+``flash_bwd`` knob): ``_bwd_preprocess`` for delta, then the dK/dV kernel also adds ``dS_ij K_j``
+into a float32 dQ buffer with atomics (not bit-reproducible).
 
 ``dS = P * (dP - delta)`` with ``dP = dO V^T`` (dropout-masked and rescaled when dropout is on),
 times ``1 - tanh^2`` under softcap. Masks, softcap, ALiBi and dropout come from the same helpers
@@ -22,12 +22,12 @@ as the forward kernel (``flash_fwd.score_mod``, ``flash_fwd.dropout_keep``).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import tuning
 from ._common import interpreting, new_output
 from .flash_fwd import (
     _call,
@@ -361,13 +361,10 @@ dq_heuristic = make_heuristic(DQ_SHAPES)
 def bwd_scheme(deterministic: bool) -> str:
     """``"split"`` (separate atomic-free dQ kernel) or ``"atomic"`` (dQ via float32 atomics).
 
-    ``deterministic=True`` always gives ``"split"``. Otherwise ``HF_EFFICIENT_FLASH_BWD``
-    (``split``/``atomic``) picks; the default is ``split``.
+    ``deterministic=True`` always gives ``"split"``. Otherwise the ``flash_bwd`` knob
+    (``HF_EFFICIENT_FLASH_BWD=split|atomic``) picks; the default is ``split``.
     """
-    if deterministic:
-        return "split"
-    scheme = os.environ.get("HF_EFFICIENT_FLASH_BWD", "split")
-    return scheme if scheme in ("split", "atomic") else "split"
+    return "split" if deterministic else tuning.get().flash_bwd
 
 
 @functools.lru_cache(maxsize=1024)

@@ -18,13 +18,13 @@ Layouts: padded ``q (B, Sq, H, D)``, ``k/v (B, Sk, Hk, D)``; variable length ``q
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import tuning
 from . import precompile
 from ._common import interpreting, new_output
 
@@ -33,8 +33,9 @@ LN2 = 0.6931471805599453
 
 
 def autotune_enabled() -> bool:
-    """Autotuning is on by default on GPUs; ``HF_EFFICIENT_FLASH_AUTOTUNE=0`` uses fixed blocks."""
-    return not interpreting() and os.environ.get("HF_EFFICIENT_FLASH_AUTOTUNE", "1") != "0"
+    """Autotuning is on by default on GPUs; the ``flash_autotune`` knob off (``HF_EFFICIENT_FLASH_AUTOTUNE=0``) uses
+    fixed blocks."""
+    return tuning.get().flash_autotune and not interpreting()
 
 
 def _tma_allocator(size: int, alignment: int, stream):
@@ -46,12 +47,12 @@ _allocator_set = False
 
 
 def use_tma(*tensors) -> bool:
-    """Load K/V through device-side TMA descriptors (Hopper+). ``HF_EFFICIENT_FLASH_TMA=0/1``.
+    """Load K/V through device-side TMA descriptors (Hopper+): the ``flash_tma`` knob (``HF_EFFICIENT_FLASH_TMA``).
 
     Needs 16-byte aligned base pointers and 16-byte multiple strides; falls back otherwise.
     """
     global _allocator_set
-    if os.environ.get("HF_EFFICIENT_FLASH_TMA", "0") != "1":
+    if not tuning.get().flash_tma:
         return False
     if not interpreting():
         if not torch.cuda.is_available() or torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
@@ -443,7 +444,7 @@ FWD_SHAPES = {
     128: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
     256: [(64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2)],
 }
-# Wider search (HF_EFFICIENT_FLASH_TUNE_WIDE=1), used to choose the lists above.
+# Wider search (the ``flash_tune_wide`` knob), used to choose the lists above.
 FWD_SHAPES_WIDE = {
     64: FWD_SHAPES[64] + [(128, 128, 8, 3), (128, 128, 4, 3), (128, 128, 8, 2)],
     128: FWD_SHAPES[128] + [(128, 64, 4, 3), (128, 128, 8, 2), (128, 64, 8, 4)],
@@ -469,8 +470,7 @@ def make_pruner(table, wide_table):
     def prune(configs, named_args=None, **kwargs):
         named_args = named_args or {}
         bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
-        wide = os.environ.get("HF_EFFICIENT_FLASH_TUNE_WIDE", "0") == "1"
-        keep = (wide_table if wide else table)[shape_class(bd)]
+        keep = (wide_table if tuning.get().flash_tune_wide else table)[shape_class(bd)]
         out = [c for c in configs
                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
         return out or configs[:1]
@@ -544,9 +544,9 @@ _direct_failed = False
 
 
 def direct_launch_enabled() -> bool:
-    """Repeated launches go straight to the compiled kernel (``HF_EFFICIENT_DIRECT_LAUNCH=0`` off)."""
-    return (not _direct_failed and not interpreting()
-            and os.environ.get("HF_EFFICIENT_DIRECT_LAUNCH", "1") != "0")
+    """Repeated launches go straight to the compiled kernel (the ``direct_launch`` knob off:
+    ``HF_EFFICIENT_DIRECT_LAUNCH=0``)."""
+    return not _direct_failed and tuning.get().direct_launch and not interpreting()
 
 
 def launch(plain, grid, args, consts, cfg) -> None:

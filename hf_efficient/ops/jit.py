@@ -4,16 +4,16 @@ A :class:`JitSpec` names the sources of one extension and the flags to build it 
 call that needs it builds it with ``nvcc`` (kernels) and the host C++ compiler (the torch binding),
 driven by ``ninja`` when it is installed, under a file lock, into a versioned cache directory::
 
-    $HF_EFFICIENT_CACHE or $XDG_CACHE_HOME/hf_efficient or ~/.cache/hf_efficient
+    $HF_EFFICIENT_CACHE (the ``cache`` knob) or $XDG_CACHE_HOME/hf_efficient or ~/.cache/hf_efficient
         /<hf_efficient version>/<sm_XY>/<name>_<hash>/<name>.so   (+ build.ninja, build.log)
 
 The hash covers the sources, the flags and the torch version, so an edited source or another
 torch gets its own build. The library registers its operators with ``TORCH_LIBRARY`` and is loaded
 with ``torch.ops.load_library``.
 
-Environment:
-    HF_EFFICIENT_DISABLE_JIT=1   never compile; use a build already in the cache, else fall back.
-    HF_EFFICIENT_JIT_VERBOSE=1   show the compiler output (``-Xptxas -v`` register/spill report).
+Knobs (:mod:`hf_efficient.tuning`):
+    disable_jit (HF_EFFICIENT_DISABLE_JIT=1)   never compile; use a build already in the cache, else fall back.
+    jit_verbose (HF_EFFICIENT_JIT_VERBOSE=1)   show the compiler output (``-Xptxas -v`` register/spill report).
 
 Importing this module compiles nothing and never initialises CUDA.
 """
@@ -30,6 +30,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import tuning
 from .._version import __version__
 
 
@@ -52,23 +53,20 @@ def _csrc_dir() -> Path:
 CSRC_DIR = _csrc_dir()
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def jit_disabled() -> bool:
-    """True when HF_EFFICIENT_DISABLE_JIT forbids compiling."""
-    return _env_flag("HF_EFFICIENT_DISABLE_JIT")
+    """True when the ``disable_jit`` knob (HF_EFFICIENT_DISABLE_JIT) forbids compiling."""
+    return tuning.get().disable_jit
 
 
 def jit_verbose() -> bool:
-    """True when HF_EFFICIENT_JIT_VERBOSE asks to show compiler output."""
-    return _env_flag("HF_EFFICIENT_JIT_VERBOSE")
+    """True when the ``jit_verbose`` knob (HF_EFFICIENT_JIT_VERBOSE) asks to show compiler output."""
+    return tuning.get().jit_verbose
 
 
 def cache_root() -> Path:
-    """Root of the build cache: HF_EFFICIENT_CACHE, else $XDG_CACHE_HOME/hf_efficient, else ~/.cache/..."""
-    explicit = os.environ.get("HF_EFFICIENT_CACHE")
+    """Root of hf_efficient's cache: the ``cache`` knob (HF_EFFICIENT_CACHE), else $XDG_CACHE_HOME/hf_efficient,
+    else ~/.cache/hf_efficient."""
+    explicit = tuning.get().cache
     if explicit:
         return Path(explicit).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")

@@ -14,17 +14,18 @@ capacity).
 
 import functools
 import math
-import os
 import warnings
 
 import torch
 
+from .. import tuning
 from ._common import new_output, num_sms, pdl_enabled, window_pair
 from .jit import Extension, JitSpec, Unit, arch_tag, cache_root
 
 MAX_KERNEL_Q_LEN = 16
 KERNEL_HEAD_DIMS = (64, 128, 256)
-_BACKENDS = ("cuda", "triton", "reference")
+KERNEL_VARIANTS = tuning.choices("paged_decode_variant")  # (0, 3): see plan_launch
+_FORCED = "forced by the paged_decode_backend knob (HF_EFFICIENT_PAGED_DECODE_BACKEND)"
 
 SPEC = JitSpec(
     name="paged_decode",
@@ -107,7 +108,7 @@ _BLOCK_RATE_DEFAULT = 23e9
 _WAVE_RAMP = 2.0e-6   # first-tile latency of each wave, s
 _MERGE = 2.0e-6       # split-merge kernel, s
 MAX_SPLITS = 256
-MIN_TILES_PER_SPLIT = 4  # H200, SmolLM2 1 x 32k: 128 splits of 2 tiles 0.84 TB/s, 64 of 4 tiles 1.07
+MIN_TILES_PER_SPLIT = 4  # fewer tiles per split lost at long context, batch 1 (docs/benchmarks/NOTES.md, run 5)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -152,20 +153,20 @@ def plan_launch(batch: int, nheads_k: int, q_len: int, group: int, head_dim: int
                 avg_seqlen: int | None, num_splits: int, device_index: int) -> tuple[int, int, int]:
     """(kernel variant, num_splits, tiles_per_split) of the CUDA kernel for one call.
 
-    One row tile at head_dim 64/128 in bf16 (the tuned variants are compiled there): variant 3 (two-stage ring:
-    more resident blocks per SM -- three at head_dim 64, where its registers are capped, two at 128 -- so more
-    bytes in flight per SM) when the grid has more blocks than SMs, else variant 0 (three-stage ring: more bytes in
-    flight per block when each block has an SM to itself). Other shapes: variant 0. Splits from
-    :func:`choose_num_splits` with the device's bandwidth. ``HF_EFFICIENT_PAGED_DECODE_VARIANT`` forces a variant
-    (tuning).
+    The kernel has two variants (``KERNEL_VARIANTS``). One row tile at head_dim 64/128 in bf16 (where variant 3 is
+    compiled): variant 3 (two-stage ring: more resident blocks per SM -- three at head_dim 64, where its registers
+    are capped, two at 128 -- so more bytes in flight per SM) when the grid has more blocks than SMs, else variant
+    0 (three-stage ring: more bytes in flight per block when each block has an SM to itself). Other shapes: variant
+    0. Splits from :func:`choose_num_splits` with the device's bandwidth. The ``paged_decode_variant`` knob forces
+    a variant (``bench decode --sweep``).
     """
     chunks, m_tiles = plan_rows(q_len, group)
     base = batch * nheads_k * chunks
     sms = num_sms(device_index)
-    forced = os.environ.get("HF_EFFICIENT_PAGED_DECODE_VARIANT")
+    forced = tuning.get().paged_decode_variant
     variant = 0
     if forced is not None:
-        variant = int(forced)
+        variant = forced
     elif m_tiles == 1 and bf16 and head_dim in (64, 128):
         if _kernel_info(device_index, head_dim, m_tiles, bf16, 3)[1] > 0:
             variant = 3
@@ -182,7 +183,7 @@ def plan_launch(batch: int, nheads_k: int, q_len: int, group: int, head_dim: int
 
 @functools.cache
 def device_bandwidth(index: int) -> float:
-    """~90% of the peak memory bandwidth the device reports (a device copy reaches 89-90% on H100 and H200)."""
+    """~90% of the peak memory bandwidth the device reports (about what a device copy reaches; NOTES.md)."""
     props = torch.cuda.get_device_properties(index)
     clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
     if clock_khz and bus_bits:
@@ -222,7 +223,7 @@ def _kernel_fits(q, nheads_k) -> str | None:
     """None if this device can run the kernel configuration (shared memory), else why not."""
     _, m_tiles = plan_rows(q.shape[1], q.shape[2] // nheads_k)
     try:
-        variant = int(os.environ.get("HF_EFFICIENT_PAGED_DECODE_VARIANT", "0"))
+        variant = tuning.get().paged_decode_variant or 0
         info = _kernel_info(q.device.index, q.shape[-1], m_tiles, q.dtype == torch.bfloat16, variant)
     except RuntimeError as exc:
         return f"kernel configuration unavailable on this device ({str(exc).splitlines()[0]})"
@@ -238,12 +239,11 @@ def _warn_once(reason: str) -> None:
 
 
 def select_backend(q, k_cache, v_cache, block_table=None) -> tuple[str, str]:
-    """(backend, reason) for these inputs; may build the CUDA extension (first CUDA call)."""
-    forced = os.environ.get("HF_EFFICIENT_PAGED_DECODE_BACKEND", "").strip().lower()
-    if forced and forced not in _BACKENDS:
-        raise ValueError(f"HF_EFFICIENT_PAGED_DECODE_BACKEND must be one of {_BACKENDS}, got {forced!r}")
+    """(backend, reason) for these inputs; may build the CUDA extension (first CUDA call). The
+    ``paged_decode_backend`` knob (``HF_EFFICIENT_PAGED_DECODE_BACKEND``) may force one."""
+    forced = tuning.get().paged_decode_backend
     if forced == "reference":
-        return "reference", "forced by HF_EFFICIENT_PAGED_DECODE_BACKEND"
+        return "reference", _FORCED
     if q.device.type != "cuda":
         return "reference", "tensors are not on a CUDA device"
     why = _kernel_compatible(q, k_cache, v_cache, block_table)
@@ -257,26 +257,33 @@ def select_backend(q, k_cache, v_cache, block_table=None) -> tuple[str, str]:
         if forced != "cuda":
             _warn_once(why)
     if forced == "cuda":
-        raise RuntimeError(f"HF_EFFICIENT_PAGED_DECODE_BACKEND=cuda but the CUDA kernel cannot run: {why}")
+        raise RuntimeError(f"paged_decode_backend=cuda (HF_EFFICIENT_PAGED_DECODE_BACKEND) but the CUDA kernel "
+                           f"cannot run: {why}")
     if _triton_available():
-        return "triton", why or "forced by HF_EFFICIENT_PAGED_DECODE_BACKEND"
+        return "triton", why or _FORCED
     return "reference", f"{why}; triton not installed"
 
 
 def backend_report() -> dict:
-    """Which implementation paged decode (q_len <= 16) will use here, and why. Never builds.
+    """Which implementation paged decode (q_len <= 16) will use here, and why. Never builds. Follows the
+    ``paged_decode_backend`` knob (``"unavailable"``: forced to ``cuda``, which cannot run here).
 
-    ``{"op": "paged_decode", "impl": "cuda" | "triton" | "reference", "why": str, "cache_dir": str}``
+    ``{"op": "paged_decode", "impl": "cuda" | "triton" | "reference" | "unavailable", "why": str, "cache_dir": str}``
     """
     report = {"op": "paged_decode", "cache_dir": str(cache_root())}
+    forced = tuning.get().paged_decode_backend
+    if forced == "reference":
+        return {**report, "impl": "reference", "why": _FORCED}
     if not torch.cuda.is_available():
         return {**report, "impl": "reference", "why": "no CUDA device (the PyTorch reference runs on CPU)"}
     ok, reason = EXTENSION.status()
     report["cache_dir"] = str(SPEC.build_dir(arch_tag(torch.cuda.get_device_capability())))
-    if ok:
+    if ok and forced != "triton":
         return {**report, "impl": "cuda", "why": reason}
+    if forced == "cuda":
+        return {**report, "impl": "unavailable", "why": f"{_FORCED}, but the CUDA kernel cannot run: {reason}"}
     if _triton_available():
-        return {**report, "impl": "triton", "why": reason}
+        return {**report, "impl": "triton", "why": _FORCED if forced == "triton" else reason}
     return {**report, "impl": "reference", "why": f"{reason}; triton not installed"}
 
 

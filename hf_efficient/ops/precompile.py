@@ -11,9 +11,10 @@ and collects the kernels that forward needs, which then compile concurrently. On
 passes whose garbage cannot reach an index or a data-dependent host decision may run dry (the engine uses it for
 its native decoder forward and prefill, whose indices come from inputs, not from kernel outputs).
 
-On by default (H200, empty Triton cache: the engine's first batch-1 generate 13.7 s without, 6.4 s with, same
-tokens); ``HF_EFFICIENT_COMPILE_AHEAD=0`` turns it off. A Triton without ``AsyncCompileMode``, the interpreter, and
-any compile error make it a no-op (the real launch then compiles, or raises, as usual).
+On by default (it roughly halves the engine's first generate on an empty Triton cache, same tokens; measured in
+docs/benchmarks/NOTES.md); the ``compile_ahead`` knob (``HF_EFFICIENT_COMPILE_AHEAD=0``) turns it off. A Triton
+without ``AsyncCompileMode``, the interpreter, and any compile error make it a no-op (the real launch then
+compiles, or raises, as usual).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
+from .. import tuning
 from ._common import interpreting
 
 __all__ = ["active", "compiling_ahead", "enabled", "run", "warmup"]
@@ -32,8 +34,8 @@ STATS = {"passes": 0, "queued": 0, "errors": 0}
 
 
 def enabled() -> bool:
-    """Dry compile passes run unless ``HF_EFFICIENT_COMPILE_AHEAD=0``."""
-    return os.environ.get("HF_EFFICIENT_COMPILE_AHEAD", "1") != "0"
+    """Dry compile passes run unless the ``compile_ahead`` knob is off (``HF_EFFICIENT_COMPILE_AHEAD=0``)."""
+    return tuning.get().compile_ahead
 
 
 def active() -> bool:

@@ -36,8 +36,8 @@ def _close(ours, ref_hi, ref_lo, factor=2):
 
 
 @pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    monkeypatch.setenv("HF_EFFICIENT_POISON_OUTPUTS", "1")
+def _poison(tune):
+    tune(poison_outputs=True)
 
 
 def test_flash_attention_forward_in_every_grad_mode():

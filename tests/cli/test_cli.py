@@ -1,10 +1,12 @@
 """The hf-efficient command line."""
 
+import dataclasses
 import subprocess
 import sys
 
 import pytest
 
+from hf_efficient import tuning
 from hf_efficient.cli import main
 
 
@@ -15,15 +17,40 @@ def test_env_runs_and_reports_ops(capsys):
     assert "op decode_launch:" in out
 
 
-def test_env_json(capsys, monkeypatch):
+def test_env_json(capsys, monkeypatch, tune):
     import json
 
-    monkeypatch.setenv("HF_EFFICIENT_GEMV_MAX_M", "1")  # any knob of ours that is set is reported
+    tune(gemv_max_m=1)  # every knob is reported, with where its value came from
     monkeypatch.setenv("HF_EFFICIENTLY_UNRELATED", "x")
     assert main(["env", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
-    assert {"versions", "gpu", "ops", "nvcc"} <= set(rep)
-    assert rep["env_vars"]["HF_EFFICIENT_GEMV_MAX_M"] == "1" and "HF_EFFICIENTLY_UNRELATED" not in rep["env_vars"]
+    assert {"versions", "gpu", "ops", "nvcc", "tuning"} <= set(rep)
+    knobs = {row["name"]: row for row in rep["tuning"]}
+    assert set(knobs) == {f.name for f in dataclasses.fields(tuning.Tuning)}
+    assert knobs["gemv_max_m"] == {**knobs["gemv_max_m"], "value": "1", "default": "2", "source": "override",
+                                   "env": "HF_EFFICIENT_GEMV_MAX_M", "audience": "developer"}
+    assert knobs["pdl"]["audience"] == "user" and knobs["pdl"]["default"] == "1"
+    assert "HF_EFFICIENTLY_UNRELATED" not in rep["env_vars"]
+
+
+def test_env_prints_every_knob_and_flags_unknown_variables(capsys, monkeypatch, tune):
+    tune(paged_decode_backend="reference")
+    monkeypatch.setenv("HF_EFFICIENT_GEMV_ROW_PARALLEL", "1")  # retired: reported, not read
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(tuning.Tuning):
+        assert f.metadata["env"] in out, f.name
+    line = next(x for x in out.splitlines() if x.split()[:1] == ["paged_decode_backend"])
+    assert line.split()[1:5] == ["reference", "auto", "override", "user"]
+    assert "op paged_decode: reference -- forced by the paged_decode_backend knob" in out
+    assert "not knobs (misspelt or retired; ignored): HF_EFFICIENT_GEMV_ROW_PARALLEL" in out
+
+
+def test_env_reports_a_bad_knob_value(capsys, monkeypatch):
+    monkeypatch.setattr(tuning, "_current", None)  # read the environment again (restored after the test)
+    monkeypatch.setenv("HF_EFFICIENT_GEMV_MAX_M", "many")
+    assert main(["env"]) == 2
+    assert "HF_EFFICIENT_GEMV_MAX_M='many': expected an integer in 1-16" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -40,15 +40,15 @@ def test_graph_replay_is_bitwise_identical_to_eager(smollm2_bf16, temperature, n
 
 
 @pytest.mark.parametrize("native", [None, False], ids=["native", "model_forward"])
-def test_fused_step_changes_no_token(smollm2_bf16, native, monkeypatch):
+def test_fused_step_changes_no_token(smollm2_bf16, native, tune):
     """Fused step (the default: step inputs and greedy sampling + commit as two kernels) vs the PyTorch ops: the same
     greedy tokens, logprobs to float32 rounding, graphs bitwise equal to eager steps, batch buckets 1-8."""
     prompts = _prompts([40, 7, 130, 19, 64], smollm2_bf16.config.vocab_size)
     params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
     kw = dict(max_batch=8, max_tokens=8192, native=native)
-    monkeypatch.setenv("HF_EFFICIENT_FUSED_STEP", "0")
+    tune(fused_step=False)
     ref = DecodeEngine(smollm2_bf16, **kw).generate(prompts, params)
-    monkeypatch.setenv("HF_EFFICIENT_FUSED_STEP", "1")
+    tune(fused_step=True)
     engine = DecodeEngine(smollm2_bf16, **kw)
     assert engine.fused_step
     got = engine.generate(prompts, params)
@@ -59,16 +59,16 @@ def test_fused_step_changes_no_token(smollm2_bf16, native, monkeypatch):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-4)
 
 
-def test_compile_ahead_changes_no_token(smollm2_bf16, monkeypatch):
-    """The dry compile pass before each native capture (HF_EFFICIENT_COMPILE_AHEAD=1) runs on unwritten buffers:
+def test_compile_ahead_changes_no_token(smollm2_bf16, tune):
+    """The dry compile pass before each native capture (the compile_ahead knob) runs on unwritten buffers:
     tokens and logprobs must equal an engine without it, including the native prefill graph (a prompt alone)."""
     from hf_efficient.ops import precompile
 
     prompts = _prompts([40], smollm2_bf16.config.vocab_size)
     params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=40, seed=5, ignore_eos=True)
-    monkeypatch.setenv("HF_EFFICIENT_COMPILE_AHEAD", "0")
+    tune(compile_ahead=False)
     ref = DecodeEngine(smollm2_bf16, max_batch=1, max_tokens=1024).generate(prompts, params)
-    monkeypatch.setenv("HF_EFFICIENT_COMPILE_AHEAD", "1")
+    tune(compile_ahead=True)
     passes = precompile.STATS["passes"]
     engine = DecodeEngine(smollm2_bf16, max_batch=1, max_tokens=1024)
     got = engine.generate(prompts, params)

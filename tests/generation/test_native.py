@@ -109,7 +109,7 @@ def test_unsupported_models_fall_back_with_a_reason():
         _engine(model, native="yes")
 
 
-def test_auto_choice_gives_large_models_native_steps_at_small_batches_only(monkeypatch):
+def test_auto_choice_gives_large_models_native_steps_at_small_batches_only(tune):
     """Above AUTO_MAX_HIDDEN the engine decodes natively at the batches the one-row kernels serve (up to
     GEMV_MAX_M; a prompt admitted alone is prefilled natively too) and leaves larger buckets to the model's forward;
     without the one-row kernels it leaves everything to the forward."""
@@ -134,10 +134,10 @@ def test_auto_choice_gives_large_models_native_steps_at_small_batches_only(monke
     assert_within_noise(model, prompts[:1], [alone])
     assert buckets and set(buckets) == {2, 1}, buckets
     assert engine.stats.native_prefills == 1  # the prompt admitted alone
-    assert DecodeEngine(model, max_batch=8, max_tokens=64, native=True)._native_step(8)
-    monkeypatch.setenv("HF_EFFICIENT_GEMV_MAX_M", "1")
+    assert DecodeEngine(model, max_batch=8, max_tokens=64, native=True).runner.native_step(8)
+    tune(gemv_max_m=1)
     assert DecodeEngine(model, max_batch=8, max_tokens=64).stats.native_max_batch == 1
-    monkeypatch.setenv("HF_EFFICIENT_GEMV", "0")
+    tune(gemv=False)
     stats = DecodeEngine(model, max_batch=1, max_tokens=64).stats
     assert "hidden_size 1088" in stats.native_reason and stats.native_max_batch == 0
     assert DecodeEngine(model, max_batch=1, max_tokens=64, native=True).stats.native_reason is None

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from hf_efficient import tuning
 from hf_efficient.generation import step_kernels as sk
 from hf_efficient.generation.engine import DecodeEngine
 from hf_efficient.generation.sampling import SamplingParams
@@ -77,21 +78,21 @@ def test_greedy_commit_rejects_strided_logits():
         sk.greedy_commit(torch.randn(64, 2).t(), st["steps"], st["seen"], _commit(st, torch.zeros(1, dtype=torch.int32)))
 
 
-def test_engine_with_fused_step_gives_the_same_tokens_and_logprobs(monkeypatch):
+def test_engine_with_fused_step_gives_the_same_tokens_and_logprobs():
     """Greedy requests (fused path) and a sampled one (the batch then takes the sampler's general path) over
     several sync windows and batch buckets."""
     model = tiny_model("llama", attn_implementation="hf_efficient", seed=7)
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (5, 12, 3, 9)]
     runs = {}
-    for fused in ("0", "1"):
-        monkeypatch.setenv("HF_EFFICIENT_FUSED_STEP", fused)
-        engine = DecodeEngine(model, max_batch=4, max_tokens=512, block_size=4, sync_every=4)
-        assert engine.fused_step == (fused == "1")
+    for fused in (False, True):
+        with tuning.override(fused_step=fused):
+            engine = DecodeEngine(model, max_batch=4, max_tokens=512, block_size=4, sync_every=4)
+        assert engine.fused_step == fused  # read when the engine is built
         greedy = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=11, ignore_eos=True))
         mixed = engine.generate(prompts[:2], [SamplingParams(temperature=0.0, max_tokens=9),
                                               SamplingParams(temperature=0.9, seed=3, max_tokens=9)])
         runs[fused] = [(r.output, r.logprobs) for (r,) in greedy + mixed]
-    for (ta, la), (tb, lb) in zip(runs["1"], runs["0"]):
+    for (ta, la), (tb, lb) in zip(runs[True], runs[False]):
         assert ta == tb
         torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), rtol=0, atol=1e-5)

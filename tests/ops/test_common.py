@@ -16,8 +16,8 @@ from hf_efficient.ops import (
 )
 
 
-def test_new_output_is_poisoned_when_asked(monkeypatch):
-    monkeypatch.setenv("HF_EFFICIENT_POISON_OUTPUTS", "1")
+def test_new_output_is_poisoned_when_asked(tune):
+    tune(poison_outputs=True)
     out = _common.new_output((3, 5), torch.float16, "cpu")
     assert out.shape == (3, 5) and out.dtype == torch.float16 and torch.isnan(out).all()
     like = torch.zeros(4, 6).t()

@@ -136,11 +136,11 @@ def test_norm_linear_rope_equals_the_two_ops(device, dtype, m, head_dim, bias):
         dl.norm_linear_rope(x, ws[:2], nw, 1e-5, None, pos, inv, 0.9, h, hk, pools[0], pools[1], slots)
 
 
-def test_split_k_is_planned_and_deterministic(device, monkeypatch):
+def test_split_k_is_planned_and_deterministic(device, tune):
     """Few output tiles and a long K: the plan splits K; repeated calls give bitwise-identical results and leave the
     arrival counters at zero (so CUDA-graph replays start clean)."""
     dtype = torch.float16
-    monkeypatch.setenv("HF_EFFICIENT_GEMV", "0")  # one row would take the one-row kernel, which has no split
+    tune(gemv=False)  # one row would take the one-row kernel, which has no split
     x = torch.randn(1, 2048, device=device).to(dtype)
     w = (torch.randn(48, 2048, device=device) / 45).to(dtype)
     plan = dl.tiles(1, 48, 2048, torch.device(device))
@@ -153,11 +153,11 @@ def test_split_k_is_planned_and_deterministic(device, monkeypatch):
 
 
 @pytest.mark.parametrize("m", [1, 16])
-def test_single_tile_programs(device, monkeypatch, m):
+def test_single_tile_programs(device, monkeypatch, tune, m):
     """The plan used with programmatic dependent launch: every program multiplies one weight tile that it loads
     before waiting for the previous kernel (forced here, so the CPU interpreter checks it too)."""
     monkeypatch.setattr(dl, "_prefetch", lambda device: True)
-    monkeypatch.setenv("HF_EFFICIENT_GEMV", "0")  # the tile kernels at one row too
+    tune(gemv=False)  # the tile kernels at one row too
     plan = dl.tiles(m, 56, 1000, torch.device(device), prefetch=True)
     assert plan[2] == plan[6] and plan[5] == -(-1000 // plan[2]), plan
     r = _gen(m)
@@ -188,24 +188,22 @@ def launched(monkeypatch):
 
 @pytest.mark.parametrize("dtype", _dtypes())
 @pytest.mark.parametrize("k,bias", [(88, True), (600, False), (1000, True), (9000, False)])
-@pytest.mark.parametrize("m,persistent,parallel", [(1, "0", "0"), (1, "1", "0"), (2, "1", "0"), (2, "1", "1"),
-                                                   (5, "1", "1")])
-def test_one_row_kernels(device, dtype, launched, monkeypatch, k, bias, m, persistent, parallel):
+@pytest.mark.parametrize("m,persistent", [(1, False), (1, True), (2, True), (5, True)])
+def test_one_row_kernels(device, dtype, launched, monkeypatch, tune, k, bias, m, persistent):
     """Decode at batch 1 (and small batches: m rows, each weight element read once for all of them) runs the
     one-row kernels (whole weight rows per program, no split of K): as accurate as PyTorch against float64, for K
     padded to a power of two, K above one tile (9000: one row per program, several warps), biases, strided input
     rows, the SiLU-mul input and the residual written in place; also with persistent programs that walk several
-    tiles (the first SMs' worth of programs; tiles across the weights' boundaries), and with all rows taken at once
-    (``HF_EFFICIENT_GEMV_ROW_PARALLEL``; 5 rows: padded to 8)."""
-    monkeypatch.setenv("HF_EFFICIENT_GEMV_PERSISTENT", persistent)
-    if persistent == "1":  # three programs in all (so each walks several tiles), on the GPU too
+    tiles (the first SMs' worth of programs; tiles across the weights' boundaries), and at more rows than the
+    default ``gemv_max_m`` (5, with the knob at 8)."""
+    tune(gemv_persistent=persistent)
+    if persistent:  # three programs in all (so each walks several tiles), on the GPU too
         monkeypatch.setattr(dl, "GEMV_PERSISTENT_PER_SM", 3)
         monkeypatch.setattr(dl, "num_sms", lambda device: 1)
         assert dl._gemv_programs(10, torch.device(device)) == (3, True)
     assert dl.gemv_plan(dl.GEMV_MAX_M + 1, k) is None
-    monkeypatch.setenv("HF_EFFICIENT_GEMV_MAX_M", "8")
-    monkeypatch.setenv("HF_EFFICIENT_GEMV_ROW_PARALLEL", parallel)
-    assert dl.gemv_plan(m, k) is not None and dl._row_args(m)["ROW_PAR"] == (parallel == "1")
+    tune(gemv_max_m=8)
+    assert dl.gemv_plan(m, k) is not None
     r = _gen(k + bias + m)
     (x64, nw64, ws64, bs64), (x, nw, ws, bs) = _projection_inputs(r, m, k, (72, 24, 40), bias, device, dtype)
     x = torch.cat([x, torch.full_like(x[:, :5], float("nan"))], dim=1)[:, :k]  # rows 5 elements apart
@@ -227,15 +225,13 @@ def test_one_row_kernels(device, dtype, launched, monkeypatch, k, bias, m, persi
 
 
 @pytest.mark.parametrize("dtype", _dtypes())
-@pytest.mark.parametrize("head_dim,k,bias,m,parallel", [(16, 96, True, 1, "0"), (64, 576, False, 1, "0"),
-                                                         (128, 300, True, 1, "0"), (64, 576, True, 2, "0"),
-                                                         (64, 576, True, 3, "1"), (16, 96, False, 2, "1")])
-def test_one_row_rope_matches_the_tile_kernel(device, dtype, launched, monkeypatch, head_dim, k, bias, m, parallel):
+@pytest.mark.parametrize("head_dim,k,bias,m", [(16, 96, True, 1), (64, 576, False, 1), (128, 300, True, 1),
+                                                (64, 576, True, 2), (64, 576, True, 3), (16, 96, False, 2)])
+def test_one_row_rope_matches_the_tile_kernel(device, dtype, launched, tune, head_dim, k, bias, m):
     """The one-row q/k/v kernel with its rotary-pair epilogue (q out, k and v to their cache slot; m rows at
-    their own positions and slots, one after another or all at once) against the float64 reference, and against
-    the tile kernel's result on the same inputs (both bf16-noise close)."""
-    monkeypatch.setenv("HF_EFFICIENT_GEMV_MAX_M", "4")
-    monkeypatch.setenv("HF_EFFICIENT_GEMV_ROW_PARALLEL", parallel)
+    their own positions and slots, one after another) against the float64 reference, and against the tile kernel's
+    result on the same inputs (both bf16-noise close)."""
+    tune(gemv_max_m=4)
     r = _gen(head_dim + k + m)
     h, hk, bs = 3, 1, 4
     ns = (h * head_dim, hk * head_dim, hk * head_dim)
@@ -244,8 +240,8 @@ def test_one_row_rope_matches_the_tile_kernel(device, dtype, launched, monkeypat
     inv = (1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)).to(device)
     slots = torch.tensor([5, 0, 11, 6][:m], device=device)
     outs = {}
-    for gemv in ("1", "0"):
-        monkeypatch.setenv("HF_EFFICIENT_GEMV", gemv)
+    for gemv in (True, False):
+        tune(gemv=gemv)
         pools = [torch.full((3, bs, hk, head_dim), float("nan"), dtype=dtype, device=device) for _ in range(2)]
         q = dl.norm_linear_rope(x, ws, nw, 1e-5, bs_, pos, inv, 0.9, h, hk, *pools, slots)
         outs[gemv] = (q, *(p.view(-1, hk, head_dim)[slots] for p in pools))
@@ -256,7 +252,7 @@ def test_one_row_rope_matches_the_tile_kernel(device, dtype, launched, monkeypat
     qkv64 = dl.norm_linear_reference(x64, ws64, nw64, 1e-5, bs64).to(device)
     q64 = dl.rope_store_reference(qkv64, pos, inv.double(), 0.9, h, hk, *pools64, slots)
     refs64 = (q64, *(p.view(-1, hk, head_dim)[slots] for p in pools64))
-    for one_row, tile, ref64 in zip(outs["1"], outs["0"], refs64):
+    for one_row, tile, ref64 in zip(outs[True], outs[False], refs64):
         _assert_accurate(one_row, tile, ref64)
     if dl.kernels_usable(x):
         assert launched == ["_gemv_norm_kernel", "_norm_linear_kernel"], launched

@@ -231,15 +231,15 @@ def test_deterministic_backward_is_bitwise_reproducible(device):
         assert torch.equal(a, b)
 
 
-def test_atomic_dq_scheme_agrees(device, monkeypatch):
+def test_atomic_dq_scheme_agrees(device, tune):
     q = _rand(1, 33, 2, 32, dtype=torch.float16, device=device)
     k = _rand(1, 40, 1, 32, dtype=torch.float16, device=device)
     v = _rand(1, 40, 1, 32, dtype=torch.float16, device=device)
     g = torch.randn(1, 33, 2, 32, dtype=torch.float16, device=device)
     f = lambda *x: flash_attn_func(*x, causal=True, window_size=(7, -1))  # noqa: E731
-    monkeypatch.setenv("HF_EFFICIENT_FLASH_BWD", "split")
+    tune(flash_bwd="split")
     _, split = _grads(f, (q, k, v), g)
-    monkeypatch.setenv("HF_EFFICIENT_FLASH_BWD", "atomic")
+    tune(flash_bwd="atomic")
     _, atomic = _grads(f, (q, k, v), g)
     for a, b in zip(split, atomic):
         assert not torch.isnan(b).any()
@@ -450,23 +450,23 @@ GPU_GRID = [
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("batch,sq,sk,nheads,nheads_k,d,opts", GPU_GRID)
-def test_gpu_padded(monkeypatch, dtype, batch, sq, sk, nheads, nheads_k, d, opts):
-    monkeypatch.setenv("HF_EFFICIENT_FLASH_AUTOTUNE", "0")  # one compile per variant
+def test_gpu_padded(dtype, batch, sq, sk, nheads, nheads_k, d, opts, tune):
+    tune(flash_autotune=False)  # one compile per variant
     _check_padded("cuda", dtype, batch, sq, sk, nheads, nheads_k, d, **opts)
 
 
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("scheme", ["split", "atomic"])
-def test_gpu_autotuned_bf16(monkeypatch, scheme):
-    monkeypatch.setenv("HF_EFFICIENT_FLASH_BWD", scheme)
+def test_gpu_autotuned_bf16(scheme, tune):
+    tune(flash_bwd=scheme)
     _check_padded("cuda", torch.bfloat16, 2, 1000, 1000, 8, 4, 128, causal=True)
 
 
 @gpu
 @needs_cuda
-def test_gpu_varlen_bf16(monkeypatch):
-    monkeypatch.setenv("HF_EFFICIENT_FLASH_AUTOTUNE", "0")
+def test_gpu_varlen_bf16(tune):
+    tune(flash_autotune=False)
     lens_q = [300, 0, 1, 77, 513]
     lens_k = [300, 5, 0, 200, 513]
     cu_q, cu_k = _cu(lens_q, "cuda"), _cu(lens_k, "cuda")
@@ -490,8 +490,8 @@ def test_gpu_varlen_bf16(monkeypatch):
 
 @gpu
 @needs_cuda
-def test_gpu_dropout_bf16(monkeypatch):
-    monkeypatch.setenv("HF_EFFICIENT_FLASH_AUTOTUNE", "0")
+def test_gpu_dropout_bf16(tune):
+    tune(flash_autotune=False)
     p = 0.17
     q = _rand(2, 200, 4, 64, dtype=torch.bfloat16, device="cuda")
     k = _rand(2, 300, 2, 64, dtype=torch.bfloat16, device="cuda")
@@ -513,8 +513,8 @@ def test_gpu_dropout_bf16(monkeypatch):
 
 @gpu
 @needs_cuda
-def test_gpu_deterministic_bf16(monkeypatch):
-    monkeypatch.setenv("HF_EFFICIENT_FLASH_AUTOTUNE", "0")
+def test_gpu_deterministic_bf16(tune):
+    tune(flash_autotune=False)
     q = _rand(2, 500, 8, 128, dtype=torch.bfloat16, device="cuda")
     k = _rand(2, 500, 2, 128, dtype=torch.bfloat16, device="cuda")
     v = _rand(2, 500, 2, 128, dtype=torch.bfloat16, device="cuda")
@@ -529,17 +529,17 @@ def test_gpu_deterministic_bf16(monkeypatch):
 @needs_cuda
 @pytest.mark.parametrize("d,opts", [(128, {"causal": True}), (80, {"window_size": (50, 7)}),
                                     (64, {"softcap": 10.0, "alibi": "h"})], ids=["d128", "d80", "d64"])
-def test_gpu_tma_forward_bf16(monkeypatch, d, opts):
-    monkeypatch.setenv("HF_EFFICIENT_FLASH_AUTOTUNE", "0")
-    monkeypatch.setenv("HF_EFFICIENT_FLASH_TMA", "1")
+def test_gpu_tma_forward_bf16(d, opts, tune):
+    tune(flash_autotune=False)
+    tune(flash_tma=True)
     _check_padded("cuda", torch.bfloat16, 2, 203, 333, 8, 2, d, **opts)
 
 
 @gpu
 @needs_cuda
-def test_gpu_tma_varlen_bf16(monkeypatch):
-    monkeypatch.setenv("HF_EFFICIENT_FLASH_AUTOTUNE", "0")
-    monkeypatch.setenv("HF_EFFICIENT_FLASH_TMA", "1")
+def test_gpu_tma_varlen_bf16(tune):
+    tune(flash_autotune=False)
+    tune(flash_tma=True)
     lens = [130, 0, 1, 260]
     cu = _cu(lens, "cuda")
     q, k, v = (torch.randn(sum(lens), 4, 128, dtype=torch.bfloat16, device="cuda") for _ in range(3))
@@ -592,7 +592,7 @@ def test_seqlen_classes():
 
 @gpu
 @needs_cuda
-def test_gpu_direct_launch_matches_regular_launcher(monkeypatch):
+def test_gpu_direct_launch_matches_regular_launcher(tune):
     """Repeated launches go straight to the compiled kernel and give the regular launcher's bits,
     including for a signature that differs only in pointer alignment or dtype."""
     from hf_efficient.ops import flash_fwd
@@ -604,9 +604,9 @@ def test_gpu_direct_launch_matches_regular_launcher(monkeypatch):
     q_odd.copy_(q)
     q_mis.copy_(q)
     cases = [(q, k, v), (q_odd, k, v), (q_mis, k, v), tuple(x.half() for x in (q, k, v))]
-    monkeypatch.setenv("HF_EFFICIENT_DIRECT_LAUNCH", "0")
+    tune(direct_launch=False)
     regular = [flash_attn_func(*c, causal=True) for c in cases]
-    monkeypatch.setenv("HF_EFFICIENT_DIRECT_LAUNCH", "1")
+    tune(direct_launch=True)
     before = flash_fwd.DIRECT_LAUNCHES["hits"]
     for _ in range(3):
         direct = [flash_attn_func(*c, causal=True) for c in cases]

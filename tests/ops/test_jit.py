@@ -25,9 +25,8 @@ int64_t tiny_launch(int64_t x) { return x + 1; }  // host code only: no device n
 
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_EFFICIENT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("HF_EFFICIENT_DISABLE_JIT", raising=False)
+def cache(tmp_path, tune):
+    tune(cache=str(tmp_path / "cache"), disable_jit=False)
     return tmp_path / "cache"
 
 
@@ -46,11 +45,11 @@ def tiny_spec(tmp_path):
                        host_units=(jit.Unit("tiny.cu", ("HFE_TORCH_BINDING",)),), source_dir=src)
 
 
-def test_cache_root_env(monkeypatch, tmp_path):
-    monkeypatch.delenv("HF_EFFICIENT_CACHE", raising=False)
+def test_cache_root_env(monkeypatch, tmp_path, tune):
+    tune(cache=None)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert jit.cache_root() == tmp_path / "xdg" / "hf_efficient"
-    monkeypatch.setenv("HF_EFFICIENT_CACHE", str(tmp_path / "mine"))
+    tune(cache=str(tmp_path / "mine"))
     assert jit.cache_root() == tmp_path / "mine"
 
 
@@ -63,9 +62,9 @@ def test_cache_layout(cache):
     assert jit.arch_tag((8, 0)) == "sm_80"
 
 
-def test_disable_jit_uses_prebuilt_or_falls_back(cache, fake_gpu, monkeypatch, tmp_path):
+def test_disable_jit_uses_prebuilt_or_falls_back(cache, fake_gpu, monkeypatch, tmp_path, tune):
     spec = tiny_spec(tmp_path)
-    monkeypatch.setenv("HF_EFFICIENT_DISABLE_JIT", "1")
+    tune(disable_jit=True)
     monkeypatch.setattr(jit.JitSpec, "build", lambda *a, **k: pytest.fail("compiled with JIT disabled"))
     ext = jit.Extension(spec, "hfe_jit_test")
     ok, why = ext.status()

@@ -2,9 +2,10 @@
 
 Error rule (flash-attention's): |ours - ref64| <= 2 * |plain PyTorch in the same precision - ref64|
 (+ a rounding floor of one output ulp), on fresh random inputs with shuffled block tables and
-NaN-poisoned outputs (tests/ops/conftest.py sets HF_EFFICIENT_POISON_OUTPUTS=1).
+NaN-poisoned outputs (tests/ops/conftest.py turns the ``poison_outputs`` knob on).
 """
 
+import contextlib
 import os
 
 import torch
@@ -14,8 +15,10 @@ if not torch.cuda.is_available():  # before triton is imported (conftest does th
 
 import pytest  # noqa: E402
 
+from hf_efficient import tuning  # noqa: E402
 from hf_efficient.attention.kvcache_api import apply_rotary, flash_attn_with_kvcache  # noqa: E402
 from hf_efficient.ops import paged_decode as pd  # noqa: E402
+from hf_efficient.ops.paged_decode import KERNEL_VARIANTS  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 
@@ -27,8 +30,15 @@ def device():
 
 
 @pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch):
-    monkeypatch.setenv("HF_EFFICIENT_POISON_OUTPUTS", "1")
+def _poison_outputs():
+    with tuning.override(poison_outputs=True):
+        yield
+
+
+@pytest.fixture
+def tune():
+    with contextlib.ExitStack() as stack:
+        yield lambda **fields: stack.enter_context(tuning.override(**fields))
 
 
 def make_cache(lens, Hk, D, bs, dtype, device, spare_blocks=3, gen=None):
@@ -116,10 +126,10 @@ def _nan_outside(k, v, table, seqlens):
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
-def test_slots_past_the_sequence_are_never_read(backend, device, monkeypatch):
+def test_slots_past_the_sequence_are_never_read(backend, device, tune):
     if backend == "cuda" and device != "cuda":
         pytest.skip("needs a CUDA GPU")
-    monkeypatch.setenv("HF_EFFICIENT_PAGED_DECODE_BACKEND", backend)
+    tune(paged_decode_backend=backend)
     dtype = torch.float16
     gen = torch.Generator().manual_seed(5)
     k, v, table, seqlens = make_cache([1, 6, 16, 17, 40], 2, 64, 16, dtype, device, gen=gen)
@@ -353,8 +363,8 @@ def test_split_heuristic():
 # CUDA kernel (GPU)
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture
-def cuda_backend(monkeypatch):
-    monkeypatch.setenv("HF_EFFICIENT_PAGED_DECODE_BACKEND", "cuda")
+def cuda_backend(tune):
+    tune(paged_decode_backend="cuda")
 
 
 @pytest.mark.gpu
@@ -425,10 +435,10 @@ def test_cuda_kernel_features(feature, cuda_backend):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("variant", [0, 1, 2, 3, 4])
-def test_cuda_kernel_variants(D, variant, cuda_backend, monkeypatch):
+@pytest.mark.parametrize("variant", KERNEL_VARIANTS)
+def test_cuda_kernel_variants(D, variant, cuda_backend, tune):
     """Every tile/stage variant the launcher or a sweep can pick."""
-    monkeypatch.setenv("HF_EFFICIENT_PAGED_DECODE_VARIANT", str(variant))
+    tune(paged_decode_variant=variant)
     k, v, table, seqlens = make_cache([1, 63, 64, 65, 300, 1500], 2, D, 16, torch.bfloat16, "cuda")
     q = torch.randn(6, 1, 8, D, device="cuda").to(torch.bfloat16)
     orc = oracle(q, k, v, seqlens, table, window_right=0)
@@ -450,14 +460,14 @@ def test_cuda_split_plan_hints_never_change_results(cuda_backend):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("D,group,q_len,variant", [(64, 3, 1, 0), (64, 3, 5, 4), (128, 4, 1, 3), (128, 4, 16, 2)])
-def test_cuda_decode_right_after_a_pdl_writer(D, group, q_len, variant, cuda_backend, monkeypatch):
+@pytest.mark.parametrize("D,group,q_len,variant", [(64, 3, 1, 0), (64, 3, 5, 3), (128, 4, 1, 3), (128, 4, 16, 0)])
+def test_cuda_decode_right_after_a_pdl_writer(D, group, q_len, variant, cuda_backend, tune):
     """The engine's decode step: the kernel right before the attention (rotary + K/V write, programmatic dependent
     launch) writes q and the q_len new rows, inside a CUDA graph; before each replay the new rows are poisoned (NaN)
     and q is redrawn, so an attention that reads them before that kernel ends shows NaN or a wrong result."""
     from hf_efficient.ops.decode_linear import rope_store
 
-    monkeypatch.setenv("HF_EFFICIENT_PAGED_DECODE_VARIANT", str(variant))
+    tune(paged_decode_variant=variant)
     Hk, bs, dtype = 2, 16, torch.bfloat16
     H = Hk * group
     lens = [q_len, q_len + 1, 17, 130, 300, 1100]

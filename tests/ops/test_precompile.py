@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from hf_efficient import tuning
 from hf_efficient.ops import flash_fwd, precompile
 
 
@@ -34,8 +35,8 @@ class FakeMode:
 
 
 @pytest.fixture
-def ahead(monkeypatch):
-    monkeypatch.setenv("HF_EFFICIENT_COMPILE_AHEAD", "1")
+def ahead(monkeypatch, tune):
+    tune(compile_ahead=True)
     monkeypatch.setattr(precompile, "_async_mode_class", lambda: FakeMode)
     monkeypatch.setattr(precompile, "interpreting", lambda: False)  # precompile's check
     monkeypatch.setattr(flash_fwd, "interpreting", lambda: False)  # the flash launcher's
@@ -52,13 +53,10 @@ def test_run_launches_outside_and_queues_inside(ahead):
     assert k.warmed == [(("x",), (3,), {"BLOCK": 32})] and len(k.launched) == 1
 
 
-def test_off_with_zero_and_not_nested(monkeypatch, ahead):
-    monkeypatch.setenv("HF_EFFICIENT_COMPILE_AHEAD", "0")
-    with precompile.compiling_ahead() as on:
+def test_off_with_zero_and_not_nested(ahead):
+    with tuning.override(compile_ahead=False), precompile.compiling_ahead() as on:
         assert not on and not precompile.active()
-    monkeypatch.delenv("HF_EFFICIENT_COMPILE_AHEAD")
-    assert precompile.enabled()  # on by default
-    monkeypatch.setenv("HF_EFFICIENT_COMPILE_AHEAD", "1")
+    assert tuning.DEFAULTS.compile_ahead  # on by default
     with precompile.compiling_ahead() as outer:
         with precompile.compiling_ahead() as inner:
             assert outer and not inner and precompile.active()
@@ -109,8 +107,8 @@ def test_direct_launcher_queues_inside(ahead):
     assert not plain.launched
 
 
-def test_compile_ahead_is_inactive_under_the_interpreter(monkeypatch):
-    monkeypatch.setenv("HF_EFFICIENT_COMPILE_AHEAD", "1")
+def test_compile_ahead_is_inactive_under_the_interpreter(monkeypatch, tune):
+    tune(compile_ahead=True)
     monkeypatch.setattr(precompile, "interpreting", lambda: True)
     with precompile.compiling_ahead() as on:
         assert not on
