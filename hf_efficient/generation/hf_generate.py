@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 
 from .sampling import SamplingParams
+from .sampling.params import UNSUPPORTED_GENERATION_FIELDS
 
 
 class EngineUnsupported(ValueError):
@@ -47,41 +48,12 @@ class EngineUnsupported(ValueError):
 # prefill_chunk_size, pad_token_id, the assistant_* tuning fields without an assistant) or are checked apart
 # (cache_implementation).
 _UNSERVED_FIELDS: dict[str, tuple] = {
-    # other decoding strategies
-    "num_beams": (1,),
-    "num_beam_groups": (1,),
-    "diversity_penalty": (0.0,),
-    "penalty_alpha": (0.0,),
-    "dola_layers": (),
-    "constraints": (),
-    "force_words_ids": (),
+    **UNSUPPORTED_GENERATION_FIELDS,  # decoding strategies and logits processing the sampler does not implement
     # assisted / speculative decoding
     "prompt_lookup_num_tokens": (),
     "assistant_early_exit": (),
     "use_mtp": (False,),
-    # logits processing the engine's sampler does not apply
-    "typical_p": (1.0,),
-    "epsilon_cutoff": (0.0,),
-    "eta_cutoff": (0.0,),
-    "top_h": (),
-    "encoder_repetition_penalty": (1.0,),
-    "no_repeat_ngram_size": (0,),
-    "encoder_no_repeat_ngram_size": (0,),
-    "bad_words_ids": (),
-    "sequence_bias": (),
-    "suppress_tokens": (),
-    "begin_suppress_tokens": (),
-    "forced_bos_token_id": (),
-    "forced_eos_token_id": (),
-    "exponential_decay_length_penalty": (),
-    "min_length": (0,),
-    "min_new_tokens": (0,),
-    "guidance_scale": (1.0,),
-    "watermarking_config": (),
-    "token_healing": (False,),
-    "remove_invalid_values": (False,),
-    # stopping and outputs
-    "max_time": (),
+    # outputs
     "return_dict_in_generate": (False,),
 }
 

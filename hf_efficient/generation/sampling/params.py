@@ -162,7 +162,7 @@ class SamplingParams:
             return default if value is None else value
 
         bad = []
-        for name, neutral in _UNSUPPORTED_GENERATION_FIELDS.items():
+        for name, neutral in UNSUPPORTED_GENERATION_FIELDS.items():
             value = getattr(gen_config, name, None)
             if value is None or value in neutral:
                 continue
@@ -214,7 +214,7 @@ class SamplingParams:
 
 
 # GenerationConfig fields this sampler does not implement, with the values that leave generation unchanged.
-_UNSUPPORTED_GENERATION_FIELDS: dict[str, tuple] = {
+UNSUPPORTED_GENERATION_FIELDS: dict[str, tuple] = {
     "num_beams": (1,),
     "num_beam_groups": (1,),
     "diversity_penalty": (0.0,),
