@@ -1,15 +1,18 @@
 """hf_efficient: fast attention, generation and RLHF for the Hugging Face stack on NVIDIA GPUs.
 
 Importing this package registers the ``"hf_efficient"`` attention implementation with transformers
-(``AttentionInterface`` and ``AttentionMaskInterface``). It never compiles anything and never initialises CUDA:
-kernels are compiled by Triton (or nvcc, for the CUDA C++ ones) the first time they run.
+(``AttentionInterface`` and ``AttentionMaskInterface``): at once when transformers is already imported, else
+right after ``import transformers``. Importing it loads neither torch nor transformers by itself, never compiles
+anything and never initialises CUDA: kernels are compiled by Triton (or nvcc, for the CUDA C++ ones) the first
+time they run.
 """
 
+from ._registration import register_with_transformers as _register_with_transformers
 from ._version import __version__
-from .attention.hf_integration import IMPLEMENTATION_NAME
-from .attention.hf_integration import register as _register
 
-_register()
+IMPLEMENTATION_NAME = "hf_efficient"  # the attn_implementation name (hf_efficient.attention.hf_integration)
+
+_register_with_transformers()
 
 __all__ = [
     "IMPLEMENTATION_NAME",

@@ -1,4 +1,10 @@
-"""The ``hf-efficient`` command line: ``env``, ``generate``, ``bench``."""
+"""The ``hf-efficient`` command line: ``env``, ``generate``, ``bench``.
+
+Arguments are parsed before anything heavy is imported (``import hf_efficient`` loads neither torch nor
+transformers), so ``--help`` and argument errors answer at once; each command imports what it needs. A mistake
+ends in one line on stderr and a non-zero exit status (2 for bad arguments, 1 otherwise); ``--debug`` shows the
+traceback instead.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +13,14 @@ import importlib
 import json
 import sys
 import time
+from pathlib import Path
+
+from .bench import DEFAULT_OUT as BENCH_OUT
 
 BENCH_AREAS = ("attention", "decode", "generate", "memory", "sft_parity")
+GPU_BENCH_AREAS = ("attention", "decode", "generate", "sft_parity")
+
+SMOLLM2_NAMES = ("smollm2", "smollm2-135m-instruct")  # as hf_efficient.models.smollm2, without importing torch
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,15 +51,33 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="hf-efficient", description="Fast attention, generation and RLHF for transformers.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+def _prompt(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError('the prompt is empty; give the message to answer, e.g. hf-efficient '
+                                         'generate "What is the capital of France?"')
+    return text
 
-    env = sub.add_parser("env", help="versions, GPU, compilers, which kernel each op uses, and every knob")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="hf-efficient",
+        description="Attention kernels, a paged KV cache and a generation engine for Hugging Face transformers.",
+        epilog="Run 'hf-efficient <command> --help' for a command's options.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", metavar="command", parser_class=_Parser)
+    # --debug is accepted after the command too; SUPPRESS keeps the top-level value when it is not given there.
+    debug = _Parser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the full traceback of an error")
+
+    env = sub.add_parser("env", parents=[debug],
+                         help="versions, GPU, compilers, which kernel each op uses, and every knob")
     env.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    gen = sub.add_parser("generate", help="chat with a model (default: the embedded SmolLM2-135M-Instruct)")
-    gen.add_argument("prompt", help="the user message")
+    gen = sub.add_parser("generate", parents=[debug],
+                         help="chat with a model (default: the embedded SmolLM2-135M-Instruct)")
+    gen.add_argument("prompt", type=_prompt, help="the user message")
     gen.add_argument("--model", default="smollm2", help="'smollm2', a transformers model directory, or a .gguf file")
     gen.add_argument("--attn", default="hf_efficient", help="attn_implementation (hf_efficient, sdpa, eager, ...)")
     gen.add_argument("--max-new-tokens", type=_positive_int, default=128)
@@ -62,9 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="hf_efficient's decode engine (auto: on CUDA) or transformers' generate",
     )
 
-    bench = sub.add_parser("bench", help="run a benchmark on the GPU and write docs/benchmarks/<gpu>/<area>.json")
+    bench = sub.add_parser(
+        "bench", parents=[debug],
+        help=f"run a benchmark and write its results under --out (default: ./{BENCH_OUT}/)",
+        description="Run a benchmark. attention, decode, generate and sft_parity need a CUDA GPU and write "
+                    "<out>/<gpu>/<area>.json and .md; memory runs on any machine and writes <out>/memory.json "
+                    "and .md.",
+    )
     bench.add_argument("area", choices=BENCH_AREAS)
-    bench.add_argument("--out", default="docs/benchmarks", help="output root (default: docs/benchmarks)")
+    bench.add_argument("--out", default=BENCH_OUT,
+                       help=f"output folder, created if missing (default: ./{BENCH_OUT} in the current directory)")
     bench.add_argument("--quick", action="store_true", help="fewer sizes (smoke run)")
     bench.add_argument("--with-compile", action="store_true",
                        help="generate: also time transformers' static cache + torch.compile (~100 s of compiling)")
@@ -123,6 +160,9 @@ def _knob_table(rows: list[dict]) -> str:
 
 
 def _cmd_generate(args) -> int:
+    if args.model.lower() not in SMOLLM2_NAMES and not Path(args.model).expanduser().exists():
+        raise UserError(f"--model {args.model}: no such file or directory (give 'smollm2', a transformers model "
+                        "directory or a .gguf file; models are not downloaded from a hub)")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
@@ -130,7 +170,7 @@ def _cmd_generate(args) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("hf-efficient generate: error: --device cuda given but no CUDA GPU is available")
+        raise UserError("--device cuda given but no CUDA GPU is available (use --device cpu)")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     path = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -196,23 +236,59 @@ def _generate_engine(model, tokenizer, prompt_ids: list[int], args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    module = importlib.import_module(f"hf_efficient.bench.{args.area}")
     argv = ["--out", args.out] + (["--quick"] if args.quick else [])
     if args.with_compile:
         if args.area != "generate":
-            raise SystemExit("hf-efficient bench: error: --with-compile applies to 'generate' only")
+            raise UserError("--with-compile applies to 'generate' only")
         argv.append("--with-compile")
     if args.sweep:
         if args.area != "decode":
-            raise SystemExit("hf-efficient bench: error: --sweep applies to 'decode' only")
+            raise UserError("--sweep applies to 'decode' only")
         argv.append("--sweep")
+    if args.area in GPU_BENCH_AREAS:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"the {args.area} benchmark needs a CUDA GPU and none is available "
+                            "('hf-efficient bench memory' runs on any machine)")
+    module = importlib.import_module(f"hf_efficient.bench.{args.area}")
     return int(module.main(argv) or 0)
 
 
+class UserError(Exception):
+    """A mistake the user can fix; reported as one line without a traceback."""
+
+
+def _one_line(err: BaseException) -> str:
+    """The error as one line: the message alone for a user's mistake, else its type, message and a hint."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    if isinstance(err, (UserError, FileNotFoundError, NotADirectoryError)) or type(err).__name__.endswith(
+        "UnavailableError"
+    ):
+        return text or type(err).__name__
+    return f"{type(err).__name__}: {text} (--debug shows the traceback)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        sys.stderr.write(parser.format_help())
+        return 2
     handlers = {"env": _cmd_env, "generate": _cmd_generate, "bench": _cmd_bench}
-    return handlers[args.command](args)
+    prog = f"hf-efficient {args.command}"
+    try:
+        return handlers[args.command](args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        sys.stderr.write(f"{prog}: interrupted\n")
+        return 130
+    except Exception as err:
+        if args.debug:
+            raise
+        sys.stderr.write(f"{prog}: error: {_one_line(err)}\n")
+        return 1
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from .. import tuning
+from . import DEFAULT_OUT
 
 SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
 HEAD_DIMS = (64, 128)
@@ -468,7 +469,7 @@ def _print_rows(rows):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="hf-efficient bench attention", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="docs/benchmarks", help="output root (a <gpu> folder is created)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output root, a <gpu> folder is created (default: {DEFAULT_OUT})")
     parser.add_argument("--quick", action="store_true", help="two seqlens per variant only")
     args = parser.parse_args(argv)
     res = run(args.out, quick=args.quick)

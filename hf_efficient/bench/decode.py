@@ -24,6 +24,7 @@ import re
 from pathlib import Path
 
 from .. import tuning
+from . import DEFAULT_OUT
 
 SHAPES = (("gqa32/8 d128", 32, 8, 128), ("smollm2 9/3 d64", 9, 3, 64))
 SIZES = ((1, 32768), (16, 4096), (64, 4096), (256, 1024), (64, "mixed"))
@@ -293,7 +294,7 @@ def to_markdown(result) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="docs/benchmarks", help="output root (default: docs/benchmarks)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output root (default: {DEFAULT_OUT})")
     parser.add_argument("--quick", action="store_true", help="fewer cases (smoke run)")
     parser.add_argument("--sweep", action="store_true", help="also time kernel variants and split counts")
     args = parser.parse_args(argv)

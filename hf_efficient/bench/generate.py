@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from . import DEFAULT_OUT
+
 
 def _sync():
     torch.cuda.synchronize()
@@ -229,7 +231,7 @@ def _llama_1b():
     return model
 
 
-def run(out_dir="docs/benchmarks", quick=False, with_compile=False) -> dict:
+def run(out_dir=DEFAULT_OUT, quick=False, with_compile=False) -> dict:
     from transformers import AutoModelForCausalLM
 
     from ..env import versions_short
@@ -346,7 +348,7 @@ def run(out_dir="docs/benchmarks", quick=False, with_compile=False) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="hf-efficient bench generate")
-    parser.add_argument("--out", default="docs/benchmarks")
+    parser.add_argument("--out", default=DEFAULT_OUT)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--with-compile", action="store_true", help="also time HF static cache + torch.compile")
     args = parser.parse_args(argv)

