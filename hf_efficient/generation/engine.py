@@ -28,6 +28,7 @@ import logging
 import math
 import operator
 import os
+import warnings
 
 import torch
 
@@ -269,6 +270,13 @@ class DecodeEngine:
             groups.append([Request(rid + i, list(prompt), p, group=g) for i in range(p.n)])
             rid += p.n
         self._next_rid = rid
+        limit = getattr(self.model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+        longest = max((len(g[0].prompt) + g[0].params.max_tokens for g in groups), default=0)
+        if limit and longest > limit:
+            warnings.warn(
+                f"a prompt plus max_tokens reaches {longest} positions, more than the model's "
+                f"max_position_embeddings={limit}: output past that length may be degenerate", stacklevel=3,
+            )
         return groups
 
     def _check_prompt(self, prompt, p: SamplingParams) -> list[int]:

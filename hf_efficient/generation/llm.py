@@ -89,14 +89,17 @@ class LLM:
                     ids = self.tokenizer(p, add_special_tokens=True)["input_ids"]
                 texts.append(p)
                 token_lists.append(list(ids))
-            elif isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p):
+            elif isinstance(p, (list, tuple)) or hasattr(p, "tolist"):
                 texts.append(None)
-                token_lists.append(list(p))
+                token_lists.append(p)  # token ids: checked by the engine before any work
             else:
                 raise ValueError(f"each prompt must be a string or a list of token ids, got {type(p).__name__}")
         if sampling_params is None:
             sampling_params = SamplingParams(temperature=0.0)
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        if not all(isinstance(p, SamplingParams) for p in params):
+            bad = next(type(p).__name__ for p in params if not isinstance(p, SamplingParams))
+            raise ValueError(f"sampling_params must be a SamplingParams or a list of them, got {bad}")
         eos = self._eos_ids()
         params = [
             p if p.ignore_eos else p.replace(stop_token_ids=sorted(set(p.stop_token_ids) | set(eos))) for p in params

@@ -3,6 +3,10 @@
 A request finishes on an end token (its ``stop_token_ids``, unless ``ignore_eos``), on a stop string (the output is
 cut where the string begins; needs a tokenizer), or at ``max_tokens``. Tokens the device produced after a request
 finished (a window of steps runs between host reads) are dropped here.
+
+A request also finishes, alone, with ``finish_reason`` starting ``"error: "`` when its logits were not finite (the
+device computed a NaN log-probability for its token; the token is dropped) or when checking it raised (e.g. the
+tokenizer failed to decode its output for a stop string); the other requests go on.
 """
 
 from __future__ import annotations
@@ -38,10 +42,16 @@ class OutputProcessor:
         for t, p in zip(tokens, logprobs):
             if req.finished:
                 break
+            if p != p:  # NaN: the logits of this step were not finite
+                req.finish_reason = f"error: non-finite logits at output token {len(req.output)}"
+                break
             req.output.append(t)
             req.logprobs.append(p)
             kept += 1
-            self._check_finished(req, tokenizer)
+            try:
+                self._check_finished(req, tokenizer)
+            except Exception as err:  # this request fails alone
+                req.finish_reason = f"error: {type(err).__name__}: {err}"
         return kept
 
     def _check_finished(self, req: Request, tokenizer) -> None:

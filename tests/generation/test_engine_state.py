@@ -207,3 +207,61 @@ def test_graph_engine_is_as_before_after_an_exception(where, n):
     _assert_clean(engine)
     assert [g[0].output for g in engine.generate(PROMPTS, PARAMS)] == want
     _assert_clean(engine)
+
+
+def test_non_finite_logits_finish_that_request_alone():
+    """One NaN weight row in the LM head makes every logit row NaN only for sequences whose hidden state meets it;
+    here a NaN row for one token id poisons the whole distribution: the requests finish with a clear reason instead
+    of sampling NaN-logprob tokens, and the engine stays usable."""
+    model = tiny_model("llama", attn_implementation="hf_efficient", seed=12)
+    engine = DecodeEngine(model, max_batch=4, max_tokens=512, block_size=4, sync_every=3)
+    good = engine.generate(PROMPTS[:2], SamplingParams(temperature=0.0, max_tokens=6))
+    head = model.get_output_embeddings().weight
+    saved = head[7].clone()
+    with torch.no_grad():
+        head[7] = float("nan")
+    try:
+        bad = engine.generate(PROMPTS[:2], SamplingParams(temperature=0.0, max_tokens=6))
+    finally:
+        with torch.no_grad():
+            head[7] = saved
+    for (req,) in bad:
+        assert req.finish_reason.startswith("error: non-finite logits")
+        assert all(lp == lp for lp in req.logprobs)  # no NaN logprob was kept
+    _assert_clean(engine)
+    again = engine.generate(PROMPTS[:2], SamplingParams(temperature=0.0, max_tokens=6))
+    assert [g[0].output for g in again] == [g[0].output for g in good]
+
+
+class _FlakyTokenizer:
+    """Decodes token ids as text, but fails on one id (a tokenizer error while checking stop strings)."""
+
+    def __init__(self, bad_id):
+        self.bad_id = bad_id
+
+    def decode(self, ids, skip_special_tokens=True):
+        if self.bad_id in ids:
+            raise RuntimeError("cannot decode")
+        return " ".join(map(str, ids))
+
+
+def test_a_request_failing_mid_run_fails_alone(model):
+    """A request whose stop-string check raises finishes with an error reason; the others complete unchanged."""
+    plain = _fresh(model).generate(PROMPTS, [p.replace(max_tokens=8) for p in PARAMS])
+    victim_token = plain[1][0].output[2]
+    params = [p.replace(max_tokens=8) for p in PARAMS]
+    params[1] = params[1].replace(stop=["never appears"])
+    engine = _fresh(model, tokenizer=_FlakyTokenizer(victim_token))
+    groups = engine.generate(PROMPTS, params)
+    assert groups[1][0].finish_reason.startswith("error: RuntimeError")
+    assert groups[1][0].output == plain[1][0].output[:3]
+    for i in (0, 2, 3, 4):
+        if victim_token not in plain[i][0].output:
+            assert groups[i][0].output == plain[i][0].output and groups[i][0].finish_reason == "length"
+    _assert_clean(engine)
+
+
+def test_prompt_beyond_max_position_embeddings_warns(model):
+    engine = _fresh(model, max_tokens=2048)
+    with pytest.warns(UserWarning, match="max_position_embeddings=512"):
+        engine.generate([PROMPTS[0] * 110], SamplingParams(temperature=0.0, max_tokens=2))
