@@ -1,4 +1,4 @@
-"""hf_efficient: fast attention, generation and RLHF for the Hugging Face stack on NVIDIA GPUs.
+"""hf_efficient: fast attention kernels, a paged KV cache and a generation engine for Hugging Face transformers.
 
 Importing this package registers the ``"hf_efficient"`` attention implementation with transformers
 (``AttentionInterface`` and ``AttentionMaskInterface``): at once when transformers is already imported, else

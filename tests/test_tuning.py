@@ -30,6 +30,7 @@ def fresh(monkeypatch):
 # ------------------------------------------------------------------------------------------- the table
 
 
+@pytest.mark.quick
 def test_every_knob_is_described():
     envs = [f.metadata["env"] for f in FIELDS.values()]
     assert len(set(envs)) == len(envs) and all(e.startswith("HF_EFFICIENT_") for e in envs)
@@ -49,6 +50,7 @@ def test_documented_variable_names_still_work():
     assert documented <= {f.metadata["env"] for f in FIELDS.values()}
 
 
+@pytest.mark.quick
 def test_defaults():
     t = tuning.from_env({})
     assert t == tuning.DEFAULTS == tuning.Tuning()
@@ -67,6 +69,7 @@ def test_defaults():
 # ----------------------------------------------------------------------------------------------- parsing
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("raw,value", [("1", True), ("0", False), ("true", True), ("False", False), ("yes", True),
                                        ("no", False), (" on ", True), ("OFF", False)])
 def test_booleans(raw, value):
@@ -83,6 +86,7 @@ def test_values_and_empty_variables():
     assert t.pdl and t.gemv_tile == 16384  # empty: unset
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("env,raw,expect", [
     ("HF_EFFICIENT_GEMV", "maybe", "0 or 1"),
     ("HF_EFFICIENT_GEMV_MAX_M", "x", "an integer in 1-16"),
@@ -129,6 +133,7 @@ def test_bad_environment_fails_at_first_use(fresh):
 # ---------------------------------------------------------------------------------------------- override
 
 
+@pytest.mark.quick
 def test_override_nests_and_restores():
     base = tuning.get()
     with tuning.override(gemv_max_m=4, pdl=False) as outer:
@@ -139,6 +144,7 @@ def test_override_nests_and_restores():
     assert tuning.get() is base
 
 
+@pytest.mark.quick
 def test_override_restores_on_exception():
     base = tuning.get()
     with pytest.raises(KeyError):
@@ -177,6 +183,7 @@ def test_report_sources(fresh):
 # ---------------------------------------------------------------------------------------------- the doc
 
 
+@pytest.mark.quick
 def test_doc_table_is_the_generated_one():
     text = (ROOT / "docs" / "tuning.md").read_text()
     begin, end = "<!-- knobs:begin -->\n", "<!-- knobs:end -->"
@@ -204,6 +211,7 @@ def test_paged_decode_backend_follows_an_override():
     assert "forced" not in default_report["why"] and "forced" not in pd.select_backend(q, k, k, table)[1]
 
 
+@pytest.mark.quick
 def test_kernel_choices_follow_an_override():
     from hf_efficient.generation import step_kernels
     from hf_efficient.ops import decode_linear as dl

@@ -75,6 +75,7 @@ def test_sampling_with_prompt_groups_equals_unshared_and_stores_prompt_once():
     assert u["blocks_used"] - s["blocks_used"] == 3 * full_prompt_blocks
 
 
+@pytest.mark.quick
 def test_fork_copy_on_write_keeps_parent_intact():
     model = tiny_model("llama", attn_implementation="hf_efficient", seed=5)
     ids, mask = _batch([6, 9])
@@ -114,6 +115,7 @@ def test_forked_decoding_matches_independent_prefill():
             torch.testing.assert_close(a, b)
 
 
+@pytest.mark.quick
 def test_crop_rolls_back_and_regenerates_identically():
     model = tiny_model("llama", attn_implementation="hf_efficient", seed=7)
     ids, mask = _batch([8, 5])
@@ -131,6 +133,7 @@ def test_crop_rolls_back_and_regenerates_identically():
     torch.testing.assert_close(again, first)
 
 
+@pytest.mark.quick
 def test_reorder_and_select():
     model = tiny_model("llama", attn_implementation="hf_efficient", seed=8)
     ids, mask = _batch([7, 3, 5])
@@ -146,6 +149,7 @@ def test_reorder_and_select():
     assert cache.seq_lens == [7] and all(cache.allocator.refcount(b) == 1 for b in blocks[0])
 
 
+@pytest.mark.quick
 def test_out_of_blocks_raises_and_leaves_data_intact():
     model = tiny_model("llama", attn_implementation="hf_efficient", seed=9)
     ids, mask = _batch([8, 8])
@@ -168,6 +172,7 @@ def test_requires_hf_efficient_attention():
         model(input_ids=ids, attention_mask=mask, past_key_values=PagedCache(model.config, max_tokens=64))
 
 
+@pytest.mark.quick
 def test_bad_arguments():
     cfg = tiny_model("llama").config
     with pytest.raises(ValueError, match="block_size"):
@@ -178,6 +183,7 @@ def test_bad_arguments():
         PagedCache(tiny_model("jamba").config, max_tokens=64)
 
 
+@pytest.mark.quick
 def test_allocator_refcounts():
     a = BlockAllocator(4, 16)
     x = a.allocate(3)

@@ -47,6 +47,7 @@ def test_env_prints_every_knob_and_flags_unknown_variables(capsys, monkeypatch, 
     assert "not knobs (misspelt or retired; ignored): HF_EFFICIENT_GEMV_ROW_PARALLEL" in out
 
 
+@pytest.mark.quick
 def test_env_reports_a_bad_knob_value(capsys, monkeypatch):
     monkeypatch.setattr(tuning, "_current", None)  # read the environment again (restored after the test)
     monkeypatch.setenv("HF_EFFICIENT_GEMV_MAX_M", "many")
@@ -54,6 +55,7 @@ def test_env_reports_a_bad_knob_value(capsys, monkeypatch):
     assert "HF_EFFICIENT_GEMV_MAX_M='many': expected an integer in 1-16" in capsys.readouterr().err
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize(
     "argv",
     [
@@ -84,6 +86,7 @@ def test_generate_smollm2_eight_tokens():
     assert "tokens/s" in proc.stderr
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("argv,flag", [(["bench", "attention", "--sweep"], "--sweep"),
                                        (["bench", "decode", "--with-compile"], "--with-compile")])
 def test_bench_flag_of_another_area_is_refused(argv, flag, capsys):
@@ -145,6 +148,7 @@ def test_empty_prompt_is_refused(prompt):
     _assert_one_error_line(proc.stderr, "the prompt is empty")
 
 
+@pytest.mark.quick
 def test_missing_model_directory_is_one_line(tmp_path, capsys):
     missing = tmp_path / "no-such-model"
     assert main(["generate", "hi", "--model", str(missing)]) == 1
@@ -165,6 +169,7 @@ def test_debug_shows_the_traceback(tmp_path):
         main(["--debug", "generate", "hi", "--model", str(tmp_path / "nope")])
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("area", ["attention", "decode", "generate", "sft_parity"])
 def test_gpu_benchmark_without_a_gpu_is_one_line(area, monkeypatch, capsys, tmp_path):
     import torch
