@@ -49,6 +49,8 @@ const char* paged_decode_info_d256(int m_tiles, int is_bf16, int variant, int de
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <optional>
 #include <vector>
 
@@ -125,6 +127,10 @@ void paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   p.num_splits = static_cast<int>(num_splits);
   p.tiles_per_split = static_cast<int>(tiles_per_split);
   p.bt_cols = block_table.has_value() ? static_cast<int>(block_table->size(1)) : 0;
+  TORCH_CHECK(k_cache.size(0) <= INT32_MAX && k_cache.size(1) <= INT32_MAX, "paged_decode: cache too large");
+  p.num_pages = static_cast<int>(k_cache.size(0));
+  const int64_t cache_len = block_table.has_value() ? (int64_t)p.bt_cols << p.block_size_log2 : k_cache.size(1);
+  p.cache_len = static_cast<int>(std::min<int64_t>(cache_len, INT32_MAX));
   p.variant = static_cast<int>(variant);
   p.pdl = pdl ? 1 : 0;
   p.is_bf16 = q.scalar_type() == at::ScalarType::BFloat16 ? 1 : 0;

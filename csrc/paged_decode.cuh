@@ -36,6 +36,8 @@ struct PagedDecodeParams {
   int num_splits;               // >= 1 (grid size along the key axis), <= kMaxSplits
   int tiles_per_split;          // host plan from max_seqlen_k; raised on device if a sequence is longer
   int bt_cols;                  // block_table columns (max blocks per sequence)
+  int num_pages;                // k_cache.size(0): valid page ids / cache rows are [0, num_pages)
+  int cache_len;                // keys a sequence can hold: bt_cols * block_size, or seqlen_cache
   int rows_per_chunk;           // query rows (q_len * group) served by one thread block, <= 128
   int num_row_chunks;
   int m_tiles;                  // 16-row MMA tiles per block: 1, 2, 4 or 8

@@ -199,7 +199,10 @@ __global__ void __launch_bounds__(Cfg<D, MT, V>::THREADS, Cfg<D, MT, V>::MIN_BLO
   const T* kbase = reinterpret_cast<const T*>(p.k) + hk * p.k_stride_head;
   const T* vbase = reinterpret_cast<const T*>(p.v) + hk * p.v_stride_head;
   const int32_t* bt = p.block_table ? p.block_table + b * p.bt_stride : nullptr;
-  const int page_const = p.batch_idx ? p.batch_idx[b] : b;
+  // Memory safety: a cache row / page id outside [0, num_pages) is replaced by -1, and every copy
+  // from page -1 is skipped (cp.async zero-fills): such keys read as zero K and V.
+  const int row_const = p.batch_idx ? p.batch_idx[b] : b;
+  const int page_const = (unsigned)row_const < (unsigned)p.num_pages ? row_const : -1;
   const int bs_mask = (1 << p.block_size_log2) - 1;
   const int ld_row = tid / CPR, ld_chunk = tid % CPR;
 
@@ -209,7 +212,7 @@ __global__ void __launch_bounds__(Cfg<D, MT, V>::THREADS, Cfg<D, MT, V>::MIN_BLO
 #pragma unroll
     for (int i = 0; i < LOADS; ++i) {
       const int blk = (base + tile * N + i * C::ROWS_PER_PASS + ld_row) >> p.block_size_log2;
-      dst[i] = bt ? (blk < p.bt_cols ? __ldg(bt + blk) : 0) : page_const;
+      dst[i] = bt ? ((unsigned)blk < (unsigned)p.bt_cols ? __ldg(bt + blk) : -1) : page_const;
     }
   };
   // Without a left window a paged split starts at a host-known key: look its first pages up
@@ -227,11 +230,14 @@ __global__ void __launch_bounds__(Cfg<D, MT, V>::THREADS, Cfg<D, MT, V>::MIN_BLO
   }
 
   // Visible key range of this block's rows (query i of q_len sits at position L - q_len + i).
+  // Keys at positions >= cache_len (beyond the block table / the contiguous cache) are not attended
+  // to, and a negative left pad counts as 0: no input value moves a read outside the tensors.
   const int L = p.seqlens[b];
-  const int start = p.leftpad ? p.leftpad[b] : 0;
+  const int L_kv = min(L, p.cache_len);
+  const int start = max(p.leftpad ? p.leftpad[b] : 0, 0);
   const int qpos_lo = L - p.q_len + row0 / G;
   const int qpos_hi = L - p.q_len + (row0 + nrows - 1) / G;
-  int lo = start, hi = L, lo_in = start, hi_in = L;  // [lo, hi): any row; [lo_in, hi_in): all rows
+  int lo = start, hi = L_kv, lo_in = start, hi_in = L_kv;  // [lo, hi): any row; [lo_in, hi_in): all rows
   if (p.window_left >= 0) {
     lo = max(lo, qpos_lo - p.window_left);
     lo_in = max(lo_in, qpos_hi - p.window_left);
@@ -262,7 +268,7 @@ __global__ void __launch_bounds__(Cfg<D, MT, V>::THREADS, Cfg<D, MT, V>::MIN_BLO
     for (int i = 0; i < LOADS; ++i) {
       const int r = i * C::ROWS_PER_PASS + ld_row;
       const int pos = key0 + tile * N + r;
-      const bool ok = pos < hi;
+      const bool ok = pos < hi && (unsigned)pgs[i] < (unsigned)p.num_pages;
       const int off = bt ? (pos & bs_mask) : pos;
       const int64_t ko = (int64_t)pgs[i] * p.k_stride_page + (int64_t)off * p.k_stride_tok + ld_chunk * 8;
       const int64_t vo = (int64_t)pgs[i] * p.v_stride_page + (int64_t)off * p.v_stride_tok + ld_chunk * 8;
@@ -395,7 +401,7 @@ __global__ void __launch_bounds__(Cfg<D, MT, V>::THREADS, Cfg<D, MT, V>::MIN_BLO
         x = p.use_softcap ? p.softcap_log2 * tanh_approx(x * p.softcap_inv) : x * p.scale_log2;
         if (p.alibi) x -= slope[i] * fabsf((float)(qpos[i] - col));
         if (need_mask) {
-          const bool ok = col >= start && col < L &&
+          const bool ok = col >= start && col < L_kv &&
                           (p.window_left < 0 || col >= qpos[i] - p.window_left) &&
                           (p.window_right < 0 || col <= qpos[i] + p.window_right);
           if (!ok) x = -INFINITY;

@@ -5,7 +5,14 @@ are given; (2) the new k/v are written into the cache in place at positions
 ``cache_seqlens[b] ..`` (``cache_seqlens`` is the length *before* appending); (3) attention of q
 over the cache (``cache_seqlens + seqlen_new`` keys, bottom-right causal alignment).
 
-Every step is a device op without host sync, so a decode step can be captured in a CUDA graph.
+Like flash-attn (its ``mha_fwd_kvcache`` bounds check), the contents of ``cache_seqlens``,
+``block_table``, ``cache_batch_idx`` and ``cache_leftpad`` are checked first (:func:`check_paged_values`,
+plus the rotary table's length): one device->host sync per call, a ``ValueError`` naming the argument
+when a length is negative, exceeds the cache (``block_table.shape[1] * block_size`` keys when paged) or
+a used block id lies outside the pool. While tracing (``torch.compile``) or capturing a CUDA graph the
+check is skipped and every step is a device op without host sync; the steps then clamp their indices
+instead (an out-of-range append writes nothing, out-of-range keys are not read: see ``paged_decode``),
+so bad values give wrong numbers for their sequence but never touch memory outside the tensors.
 q with more than 16 tokens (prefill) runs the Triton paged kernel instead of the CUDA one.
 """
 
@@ -13,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from ..ops._common import window_pair
-from ..ops.paged_decode import check_paged_inputs, paged_decode_op
+from ..ops._common import is_fake, window_pair
+from ..ops.paged_decode import check_paged_inputs, check_paged_values, paged_decode_op
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
@@ -44,21 +51,34 @@ def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tenso
     """Write k/v (batch, seqlen_new, nheads_k, head_dim) into the cache at ``cache_seqlens[b] + i``.
 
     Paged: page ``block_table[b, pos // block_size]``, slot ``pos % block_size``; contiguous: row
-    ``cache_batch_idx[b]`` (default b). In place, no host sync. Positions must lie inside the
-    sequence's pages (not checked: that would need a sync).
+    ``cache_batch_idx[b]`` (default b). In place, no host sync. Positions should lie inside the
+    sequence's pages (:func:`check_paged_values` checks that, with a sync); one that does not (a
+    position outside the table or cache, a page or row id outside the pool) is written nowhere: its
+    index is clamped into range and the value already there is written back.
     """
     B, Tn = k.shape[:2]
     pos = cache_seqlens.long().unsqueeze(1) + torch.arange(Tn, device=k.device)
+    n_rows, length = k_cache.shape[0], k_cache.shape[1]
+    if n_rows == 0 or length == 0:
+        return
     if block_table is not None:
-        bs = k_cache.shape[1]
-        pages = block_table.long().gather(1, pos // bs)
-        k_cache[pages, pos % bs] = k.to(k_cache.dtype)
-        v_cache[pages, pos % bs] = v.to(v_cache.dtype)
+        cols = block_table.shape[1]
+        if cols == 0:
+            return
+        col = torch.div(pos, length, rounding_mode="floor")
+        ok = (pos >= 0) & (col < cols)
+        rows = block_table.long().gather(1, col.clamp(0, cols - 1))
+        slots = pos.remainder(length)
     else:
         rows = cache_batch_idx.long() if cache_batch_idx is not None else torch.arange(B, device=k.device)
         rows = rows.unsqueeze(1).expand(B, Tn)
-        k_cache[rows, pos] = k.to(k_cache.dtype)
-        v_cache[rows, pos] = v.to(v_cache.dtype)
+        ok = (pos >= 0) & (pos < length)
+        slots = pos.clamp(0, length - 1)
+    ok = ok & (rows >= 0) & (rows < n_rows)
+    rows = rows.clamp(0, n_rows - 1)
+    keep = ok.view(B, Tn, 1, 1)
+    for cache, new in ((k_cache, k), (v_cache, v)):
+        cache[rows, slots] = torch.where(keep, new.to(cache.dtype), cache[rows, slots])
 
 
 def _check_new_kv(q, k_cache, k, v, rotary_cos, rotary_sin):
@@ -86,6 +106,8 @@ def _check_new_kv(q, k_cache, k, v, rotary_cos, rotary_sin):
                 raise TypeError(f"{name} must be a floating-point tensor")
             if t.dim() != 2 or tuple(t.shape) != tuple(rotary_cos.shape) or t.device != q.device:
                 raise ValueError(f"{name} must be (seqlen_ro, rotary_dim / 2) on {q.device}, got {tuple(t.shape)}")
+        if rotary_cos.shape[0] < 1:
+            raise ValueError("rotary_cos/rotary_sin must hold at least one position")
         if 2 * rotary_cos.shape[1] > q.shape[-1]:
             raise ValueError(f"rotary_dim {2 * rotary_cos.shape[1]} exceeds head_dim {q.shape[-1]}")
 
@@ -132,16 +154,26 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     capacity = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
     if n_new > capacity:
         raise ValueError(f"k seqlen_new {n_new} exceeds the cache capacity {capacity}")
+    local = causal or window_size != (-1, -1)
+    if not (torch.compiler.is_compiling() or is_fake(q) or is_fake(cache_seqlens)
+            or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())):
+        check_paged_values(cache_seqlens, args[4], args[5], args[6], k_cache, n_new)
+        if rotary_cos is not None and cache_seqlens.numel():
+            need = int(cache_seqlens.max()) + max(n_new, q.shape[1] if local else 1)
+            if need > rotary_cos.shape[0]:
+                raise ValueError(f"rotary_cos/rotary_sin have {rotary_cos.shape[0]} positions but position "
+                                 f"{need - 1} is needed (cache_seqlens + new tokens)")
     if n_new:
         args[3] = cache_seqlens + n_new
     q = args[0]
     if rotary_cos is not None:
         base = cache_seqlens.long().unsqueeze(1)
         ar_q = torch.arange(q.shape[1], device=q.device)
-        local = causal or window_size != (-1, -1)
         pos_q = base + ar_q if local else base.expand(-1, q.shape[1])
-        q = apply_rotary(q, rotary_cos, rotary_sin, pos_q, rotary_interleaved)
-        k = apply_rotary(k, rotary_cos, rotary_sin, base + torch.arange(n_new, device=q.device), rotary_interleaved)
+        last = rotary_cos.shape[0] - 1  # clamped: unchecked (captured) calls must not index past the table
+        q = apply_rotary(q, rotary_cos, rotary_sin, pos_q.clamp(0, last), rotary_interleaved)
+        pos_k = (base + torch.arange(n_new, device=q.device)).clamp(0, last)
+        k = apply_rotary(k, rotary_cos, rotary_sin, pos_k, rotary_interleaved)
     if n_new:
         kv_cache_append(k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx)
     out, lse = paged_decode_op(q, *args[1:])

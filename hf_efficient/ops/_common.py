@@ -15,6 +15,8 @@ Importing this module never initialises CUDA and does not need triton.
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 import operator
 import os
 
@@ -28,6 +30,7 @@ except ImportError:  # pragma: no cover - Linux installs carry triton
     tl = None
 
 __all__ = [
+    "check_scalars",
     "interpreting",
     "is_fake",
     "new_output",
@@ -128,6 +131,21 @@ def is_fake(t) -> bool:
 def use_custom_op(*tensors) -> bool:
     """The custom op (traceable) while compiling/tracing; the cheaper autograd.Function in eager mode."""
     return torch.compiler.is_compiling() or any(is_fake(t) for t in tensors)
+
+
+def check_scalars(softmax_scale, softcap) -> None:
+    """Raise naming the argument unless ``softmax_scale`` is None or a finite real number and ``softcap`` a finite
+    real number >= 0 (0 disables it). A NaN or infinite scale would make every output NaN; a NaN softcap used to
+    count as 0 (``nan > 0`` is False)."""
+    if softmax_scale is not None:
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
+            raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+        if not math.isfinite(softmax_scale):
+            raise ValueError(f"softmax_scale must be finite, got {softmax_scale!r}")
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise ValueError(f"softcap must be a float >= 0 (0 disables it), got {softcap!r}")
+    if not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be a finite float >= 0 (0 disables it), got {softcap!r}")
 
 
 def _window_entry(w, window_size, name: str) -> int:

@@ -17,7 +17,7 @@ import weakref
 
 import torch
 
-from ._common import interpreting, is_fake, window_pair
+from ._common import check_scalars, interpreting, is_fake, window_pair
 from .flash_bwd import flash_bwd
 from .flash_fwd import flash_fwd
 
@@ -67,10 +67,7 @@ def check_inputs(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=Non
                 raise TypeError(f"{name} must be a non-negative int, got {m!r}")
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    if softmax_scale is not None and not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-    if not isinstance(softcap, (int, float)) or softcap < 0:
-        raise ValueError(f"softcap must be a float >= 0 (0 disables it), got {softcap!r}")
+    check_scalars(softmax_scale, softcap)
     return check_window(window_size)
 
 

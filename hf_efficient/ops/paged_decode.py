@@ -19,7 +19,7 @@ import warnings
 import torch
 
 from .. import tuning
-from ._common import new_output, num_sms, pdl_enabled, window_pair
+from ._common import check_scalars, new_output, num_sms, pdl_enabled, window_pair
 from .jit import Extension, JitSpec, Unit, arch_tag, cache_root
 
 MAX_KERNEL_Q_LEN = 16
@@ -53,7 +53,9 @@ def paged_decode_reference(q, k_cache, v_cache, cache_seqlens, block_table=None,
     Hk = k_cache.shape[2]
     scale = softmax_scale if softmax_scale is not None else D ** -0.5
     if block_table is not None:
-        idx = block_table.long().clamp(0, k_cache.shape[0] - 1)
+        # Columns past a sequence's length may hold anything (-1 padding included): they are gathered from a
+        # clamped id and masked below. Columns it uses must hold valid ids (check_paged_values raises).
+        idx = block_table.long().clamp(0, max(k_cache.shape[0] - 1, 0))
         K = k_cache[idx].flatten(1, 2)
         V = v_cache[idx].flatten(1, 2)
     else:
@@ -311,6 +313,66 @@ def _run_cuda(q, k_cache, v_cache, seqlens, block_table, batch_idx, leftpad, ali
     return out, lse
 
 
+def check_paged_values(cache_seqlens, block_table, cache_batch_idx, cache_leftpad, k_cache, n_new=0) -> None:
+    """Check the *contents* of the index tensors of a paged decode call; raise ``ValueError`` naming the argument.
+
+    cache_seqlens: (batch,) int32 keys per sequence before ``n_new`` more are appended (``paged_decode``: n_new 0).
+    Checks: lengths >= 0; lengths + n_new within the cache (``block_table.shape[1] * block_size`` keys when paged,
+    ``seqlen_cache`` otherwise); the block-table columns a sequence uses hold ids in ``[0, num_blocks)`` (unused
+    columns may hold anything, -1 padding included); ``cache_batch_idx`` in ``[0, batch_cache)``;
+    ``cache_leftpad`` >= 0. One device->host transfer on CUDA (a sync): callers skip it while
+    tracing or capturing a CUDA graph, where the kernels' own guards keep every access inside the tensors.
+    """
+    B = cache_seqlens.shape[0]
+    if B == 0:
+        return
+    lens = cache_seqlens.long()
+    total = lens + n_new
+    stats = [lens.min(), total.max()]
+    if block_table is not None:
+        bs, cols = k_cache.shape[1], block_table.shape[1]
+        if cols:
+            used = torch.arange(cols, device=lens.device).view(1, cols) * bs < total.view(B, 1)
+            bad = used & ((block_table < 0) | (block_table >= k_cache.shape[0]))
+            first_bad = torch.where(bad.any(1), bad.float().argmax(1), -1)  # column of the first bad id per row
+            stats += [bad.any().long(), first_bad.max()]
+    if cache_batch_idx is not None:
+        stats += [cache_batch_idx.min(), cache_batch_idx.max()]
+    if cache_leftpad is not None:
+        stats += [cache_leftpad.min()]
+    vals = [int(x) for x in torch.stack([t.to(torch.int64) for t in stats]).tolist()]
+    if vals[0] < 0:
+        raise ValueError(f"cache_seqlens must be >= 0, got {vals[0]}")
+    if block_table is not None:
+        capacity = block_table.shape[1] * k_cache.shape[1]
+        if vals[1] > capacity:
+            new = f" plus {n_new} new keys" if n_new else ""
+            raise ValueError(f"cache_seqlens{new} ({vals[1]}) exceed what block_table holds: "
+                             f"{block_table.shape[1]} blocks of {k_cache.shape[1]} = {capacity} keys per sequence; "
+                             f"give block_table more columns")
+        rest = vals[2:]
+        if block_table.shape[1] and rest[0]:
+            raise ValueError(f"block_table holds a block id outside [0, num_blocks={k_cache.shape[0]}) in a column "
+                             f"a sequence uses (e.g. column {rest[1]})")
+        rest = rest[2:] if block_table.shape[1] else rest
+    else:
+        if vals[1] > k_cache.shape[1]:
+            new = f" plus {n_new} new keys" if n_new else ""
+            raise ValueError(f"cache_seqlens{new} ({vals[1]}) exceed the cache length seqlen_cache = {k_cache.shape[1]}")
+        rest = vals[2:]
+    if cache_batch_idx is not None:
+        lo, hi = rest[:2]
+        rest = rest[2:]
+        if lo < 0 or hi >= k_cache.shape[0]:
+            raise ValueError(f"cache_batch_idx must lie in [0, batch_cache={k_cache.shape[0]}), got [{lo}, {hi}]")
+    if cache_leftpad is not None and rest[0] < 0:
+        raise ValueError(f"cache_leftpad must be >= 0, got {rest[0]}")
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def _dispatch(q, k_cache, v_cache, seqlens, block_table, batch_idx, leftpad, alibi, scale, softcap, wl, wr,
               num_splits, max_seqlen_k, avg_seqlen_k):
     backend, _ = select_backend(q, k_cache, v_cache, block_table)
@@ -327,6 +389,8 @@ def _dispatch(q, k_cache, v_cache, seqlens, block_table, batch_idx, leftpad, ali
                                            avg_seqlen_k or None)
         return paged_decode_triton(q, k_cache, v_cache, seqlens, block_table, batch_idx, leftpad, alibi, scale,
                                    softcap, wl, wr, min(num_splits, MAX_SPLITS))
+    if not _capturing():  # the reference indexes with the ids: check them (free for CPU tensors)
+        check_paged_values(seqlens, block_table, batch_idx, leftpad, k_cache)
     return paged_decode_reference(q, k_cache, v_cache, seqlens, block_table, batch_idx, leftpad, alibi, scale,
                                   softcap, wl, wr)
 
@@ -442,8 +506,7 @@ def check_paged_inputs(q, k_cache, v_cache, cache_seqlens, block_table=None, cac
     if Tq > capacity:
         raise ValueError(f"q seqlen {Tq} exceeds the cache capacity {capacity}")
     window_size = window_pair(window_size)
-    if not isinstance(softcap, (int, float)) or softcap < 0:
-        raise ValueError(f"softcap must be a float >= 0, got {softcap!r}")
+    check_scalars(softmax_scale, softcap)
     if not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0, got {num_splits!r}")
     scale = float(softmax_scale) if softmax_scale is not None else D ** -0.5

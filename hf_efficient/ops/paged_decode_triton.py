@@ -25,7 +25,7 @@ LN2 = 0.6931471805599453
 def _paged_decode_kernel(
     Q, K, V, SEQLENS, BT, BIDX, LEFTPAD, ALIBI, OUT, LSE, OP, LP,
     sq_b, sq_t, sq_h, sk_p, sk_t, sk_h, sv_p, sv_t, sv_h, s_bt, s_al,
-    batch, q_len, nheads, G, D, block_size, num_splits, n_chunks, rows_per_chunk,
+    batch, q_len, nheads, G, D, block_size, num_pages, cache_len, num_splits, n_chunks, rows_per_chunk,
     scale_log2, softcap_log2, softcap_inv, window_left, window_right,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PAGED: tl.constexpr,
     HAS_BIDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -50,15 +50,19 @@ def _paged_decode_kernel(
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
     L = tl.load(SEQLENS + b)
+    # Memory safety (no host check under CUDA graphs): keys at positions >= cache_len (beyond the block table
+    # or the contiguous cache) are not attended to, a negative left pad counts as 0, and keys whose page id
+    # (or cache row) lies outside [0, num_pages) read as zero K and V. The CUDA kernel does the same.
+    L_kv = tl.minimum(L, cache_len)
     if HAS_LEFTPAD:
-        start = tl.load(LEFTPAD + b)
+        start = tl.maximum(tl.load(LEFTPAD + b), 0)
     else:
         start = L * 0
     qpos = L - q_len + t
     qpos_lo = L - q_len + row0 // G
     qpos_hi = L - q_len + (row0 + nrows - 1) // G
     lo = tl.where(window_left >= 0, tl.maximum(start, qpos_lo - window_left), start)
-    hi = tl.where(window_right >= 0, tl.minimum(L, qpos_hi + window_right + 1), L)
+    hi = tl.where(window_right >= 0, tl.minimum(L_kv, qpos_hi + window_right + 1), L_kv)
     ntiles = (tl.maximum(hi - lo, 0) + BLOCK_N - 1) // BLOCK_N
     tps = (ntiles + num_splits - 1) // num_splits
     tile_begin = split * tps
@@ -81,12 +85,14 @@ def _paged_decode_kernel(
         pos = lo + tile * BLOCK_N + cols
         pos_ok = pos < hi
         if PAGED:
-            page = tl.load(BT + b * s_bt + pos // block_size, mask=pos_ok, other=0).to(tl.int64)
+            page = tl.load(BT + b.to(tl.int64) * s_bt + pos // block_size, mask=pos_ok, other=0).to(tl.int64)
             off = pos % block_size
+            page_ok = (page >= 0) & (page < num_pages)
         else:
             page = tl.zeros([BLOCK_N], dtype=tl.int64) + page_const
             off = pos
-        kv_mask = pos_ok[:, None] & d_ok[None, :]
+            page_ok = (page >= 0) & (page < num_pages)
+        kv_mask = (pos_ok & page_ok)[:, None] & d_ok[None, :]
         k = tl.load(K + page[:, None] * sk_p + off[:, None] * sk_t + hk * sk_h + d[None, :],
                     mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k))
@@ -97,7 +103,7 @@ def _paged_decode_kernel(
             s = s * scale_log2
         if HAS_ALIBI:
             s -= slope[:, None] * tl.abs((qpos[:, None] - pos[None, :]).to(tl.float32))
-        valid = pos_ok[None, :] & (pos[None, :] >= start) & (pos[None, :] < L)
+        valid = pos_ok[None, :] & (pos[None, :] >= start) & (pos[None, :] < L_kv)
         valid &= (window_left < 0) | (pos[None, :] >= qpos[:, None] - window_left)
         valid &= (window_right < 0) | (pos[None, :] <= qpos[:, None] + window_right)
         s = tl.where(valid, s, float("-inf"))
@@ -185,7 +191,9 @@ def paged_decode_triton(q, k_cache, v_cache, cache_seqlens, block_table=None, ca
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_table.stride(0) if paged else 0,
         alibi_slopes.stride(0) if (alibi_slopes is not None and alibi_slopes.dim() == 2) else 0,
-        B, Tq, H, G, D, k_cache.shape[1] if paged else 1, num_splits, n_chunks, rows_per_chunk,
+        B, Tq, H, G, D, k_cache.shape[1] if paged else 1, k_cache.shape[0],
+        min(block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1], 2**31 - 1),
+        num_splits, n_chunks, rows_per_chunk,
         softmax_scale * LOG2E, softcap * LOG2E, (softmax_scale / softcap) if use_softcap else 0.0,
         window_left, window_right,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PAGED=paged,
