@@ -50,13 +50,13 @@ from .flash_fwd import (
 
 
 @triton.jit
-def _bwd_preprocess(Out, DO, Delta, CuQ, sob, sos, soh, sdb, sds, sdh, slb, slh, seqlen_q, nheads,
+def _bwd_preprocess(Out, DO, Delta, CuQ, sob, sos, soh, sdb, sds, sdh, slb, slh, seqlen_q, total_q, nheads,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                     IS_VARLEN: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b, h, _hk, q_start, _ks, seqlen_q, _sk = seq_bounds(pid_bh, nheads, 1, CuQ, CuQ, seqlen_q, 0,
-                                                        IS_VARLEN, False)
+    b, h, _hk, q_start, _ks, seqlen_q, _sk = seq_bounds(pid_bh, nheads, 1, CuQ, CuQ, seqlen_q, 0, total_q,
+                                                        total_q, IS_VARLEN, False)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     if pid_m * BLOCK_M >= seqlen_q:
@@ -113,9 +113,9 @@ def _dkdv_inner(dk, dv, k, v, Q_head, DO_head, LSE_head, D_head, DQ_head, lo, hi
     rdp = 1.0 / (1.0 - dropout_p)
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
-        q = load_kv_tile(Q_head, start_m, offs_m, offs_d, seqlen_q, sqs, Q_head, 0, HEAD_DIM,
+        q = load_kv_tile(Q_head, start_m, offs_m, offs_d, seqlen_q, sqs, Q_head, 0, 0, HEAD_DIM,
                          MASKED, EVEN_D, False, 1)
-        do = load_kv_tile(DO_head, start_m, offs_m, offs_d, seqlen_q, sdos, DO_head, 0, HEAD_DIM,
+        do = load_kv_tile(DO_head, start_m, offs_m, offs_d, seqlen_q, sdos, DO_head, 0, 0, HEAD_DIM,
                           MASKED, EVEN_D, False, 1)
         if MASKED:
             lse = tl.load(LSE_head + rows, mask=rows < seqlen_q, other=float("inf"))
@@ -154,7 +154,7 @@ def _dkdv_inner(dk, dv, k, v, Q_head, DO_head, LSE_head, D_head, DQ_head, lo, hi
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, DQ, CuQ, CuK, Slopes, Seed,
                      sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdob, sdos, sdoh,
                      sdkb, sdks, sdkh, sdvb, sdvs, sdvh, sdqb, sdqs, sdqh, slb, slh, s_slope_b,
-                     seqlen_q, seqlen_k, nheads, group, sm_scale, cap_in, cap_out, dropout_p,
+                     seqlen_q, seqlen_k, total_q, total_k, nheads, group, sm_scale, cap_in, cap_out, dropout_p,
                      win_left, win_right,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -165,7 +165,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, DQ, CuQ, CuK, Slopes, Seed
     pid_bhk = tl.program_id(1)
     nheads_k = nheads // group
     b, hk, _hk, q_start, k_start, seqlen_q, seqlen_k = seq_bounds(
-        pid_bhk, nheads_k, 1, CuQ, CuK, seqlen_q, seqlen_k, IS_VARLEN, False)
+        pid_bhk, nheads_k, 1, CuQ, CuK, seqlen_q, seqlen_k, total_q, total_k, IS_VARLEN, False)
     n0 = pid_n * BLOCK_N
     if n0 >= seqlen_k:
         return
@@ -231,9 +231,9 @@ def _dq_inner(dq, q, do, lse2, delta, K_head, V_head, lo, hi, offs_m, offs_n, of
     rdp = 1.0 / (1.0 - dropout_p)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k = load_kv_tile(K_head, start_n, offs_n, offs_d, seqlen_k, sks, K_head, 0, HEAD_DIM,
+        k = load_kv_tile(K_head, start_n, offs_n, offs_d, seqlen_k, sks, K_head, 0, 0, HEAD_DIM,
                          MASKED, EVEN_D, False, 1)
-        v = load_kv_tile(V_head, start_n, offs_n, offs_d, seqlen_k, svs, V_head, 0, HEAD_DIM,
+        v = load_kv_tile(V_head, start_n, offs_n, offs_d, seqlen_k, svs, V_head, 0, 0, HEAD_DIM,
                          MASKED, EVEN_D, False, 1)
         qk = tl.dot(q, tl.trans(k))
         s, t = score_mod(qk, offs_m[:, None], cols[None, :], diag, seqlen_k, qk_scale, cap_in,
@@ -255,7 +255,7 @@ def _dq_inner(dq, q, do, lse2, delta, K_head, V_head, lo, hi, offs_m, offs_n, of
 def _bwd_dq_kernel(Q, K, V, Out, DO, LSE, Delta, DQ, CuQ, CuK, Slopes, Seed,
                    sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh, sdob, sdos, sdoh,
                    sdqb, sdqs, sdqh,
-                   slb, slh, s_slope_b, seqlen_q, seqlen_k, nheads, group, sm_scale, cap_in,
+                   slb, slh, s_slope_b, seqlen_q, seqlen_k, total_q, total_k, nheads, group, sm_scale, cap_in,
                    cap_out, dropout_p, win_left, win_right,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -265,7 +265,7 @@ def _bwd_dq_kernel(Q, K, V, Out, DO, LSE, Delta, DQ, CuQ, CuK, Slopes, Seed,
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b, h, hk, q_start, k_start, seqlen_q, seqlen_k = seq_bounds(
-        pid_bh, nheads, group, CuQ, CuK, seqlen_q, seqlen_k, IS_VARLEN, False)
+        pid_bh, nheads, group, CuQ, CuK, seqlen_q, seqlen_k, total_q, total_k, IS_VARLEN, False)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen_q:
         return
@@ -406,6 +406,8 @@ def flash_bwd(dout, q, k, v, out, lse, cu_seqlens_q=None, cu_seqlens_k=None, max
         bool(causal), tuple(window_size), float(softcap), float(dropout_p))
     batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
     max_seqlen_q, max_seqlen_k = seqlen_q, seqlen_k
+    # varlen: the row counts cu_seqlens are clamped to on the device (0 = unused by padded batches)
+    total_q, total_k = (q.shape[0], k.shape[0]) if varlen else (0, 0)
     head_dim = consts["HEAD_DIM"]
     tune_key = (*tune_key, q.dtype)
     scheme = bwd_scheme(deterministic)
@@ -437,13 +439,13 @@ def flash_bwd(dout, q, k, v, out, lse, cu_seqlens_q=None, cu_seqlens_k=None, max
     if have_q and atomic:
         pre_m = 16 if interpreting() else 64
         _bwd_preprocess[(triton.cdiv(max_seqlen_q, pre_m), batch * nheads)](
-            out, dout, delta, cu_q, sob, sos, soh, sdob, sdos, sdoh, slb, slh, seqlen_q, nheads,
+            out, dout, delta, cu_q, sob, sos, soh, sdob, sdos, sdoh, slb, slh, seqlen_q, total_q, nheads,
             HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=pre_m, IS_VARLEN=varlen)
     elif have_q:
         # dQ first: it also computes delta, which the dK/dV kernel reads.
         args = (q, k, v, out, dout, lse, delta, dq, cu_q, cu_k, slopes, seed,
                 sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh, sdob, sdos, sdoh,
-                sdqb, sdqs, sdqh, slb, slh, s_slope_b, seqlen_q, seqlen_k, nheads,
+                sdqb, sdqs, sdqh, slb, slh, s_slope_b, seqlen_q, seqlen_k, total_q, total_k, nheads,
                 nheads // nheads_k, *common)
         _call(_dq_tuned, _bwd_dq_kernel,
               lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), batch * nheads),
@@ -452,7 +454,7 @@ def flash_bwd(dout, q, k, v, out, lse, cu_seqlens_q=None, cu_seqlens_k=None, max
         args = (q, k, v, dout, lse, delta, dk, dv, dq_acc, cu_q, cu_k, slopes, seed,
                 sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdob, sdos, sdoh,
                 sdkb, sdks, sdkh, sdvb, sdvs, sdvh, sdqb, sdqs, sdqh, slb, slh, s_slope_b,
-                seqlen_q, seqlen_k, nheads, nheads // nheads_k, *common)
+                seqlen_q, seqlen_k, total_q, total_k, nheads, nheads // nheads_k, *common)
         _call(_dkdv_tuned, _bwd_dkdv_kernel,
               lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), batch * nheads_k),
               args, dict(consts, ATOMIC_DQ=atomic), head_dim, dkdv_heuristic,

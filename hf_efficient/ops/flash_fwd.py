@@ -113,21 +113,28 @@ def dropout_keep(seed, i, j, seqlen_k, dropout_p):
 
 
 @triton.jit
-def seq_bounds(pid_bh, nheads, group, CuQ, CuK, seqlen_q, seqlen_k,
+def seq_bounds(pid_bh, nheads, group, CuQ, CuK, seqlen_q, seqlen_k, total_q, total_k,
                IS_VARLEN: tl.constexpr, PAGED: tl.constexpr):
-    """(batch, head, kv head, first q token, first k token, seqlen_q, seqlen_k) of a program."""
+    """(batch, head, kv head, first q token, first k token, seqlen_q, seqlen_k) of a program.
+
+    Varlen: the rows come from cu_seqlens, clamped into the tensors (``total_q`` query rows, ``total_k`` key rows,
+    or with ``PAGED`` the ``total_k`` keys a block-table row holds). The host check of cu_seqlens can be skipped
+    (CUDA graphs, torch.compile, a cached check that missed an in-place change), so its contents are never
+    trusted for addressing: out-of-range or decreasing offsets give a sequence clipped to the tensor (possibly
+    empty) -- wrong numbers for bad input, never an access outside the tensors.
+    """
     b = pid_bh // nheads
     h = pid_bh % nheads
     hk = h // group
     if IS_VARLEN:
-        q_start = tl.load(CuQ + b)
-        seqlen_q = tl.load(CuQ + b + 1) - q_start
+        q_start = tl.minimum(tl.maximum(tl.load(CuQ + b), 0), total_q)
+        seqlen_q = tl.minimum(tl.maximum(tl.load(CuQ + b + 1), q_start), total_q) - q_start
         if PAGED:
             k_start = q_start * 0
-            seqlen_k = tl.load(CuK + b + 1) - tl.load(CuK + b)
+            seqlen_k = tl.minimum(tl.maximum(tl.load(CuK + b + 1) - tl.load(CuK + b), 0), total_k)
         else:
-            k_start = tl.load(CuK + b)
-            seqlen_k = tl.load(CuK + b + 1) - k_start
+            k_start = tl.minimum(tl.maximum(tl.load(CuK + b), 0), total_k)
+            seqlen_k = tl.minimum(tl.maximum(tl.load(CuK + b + 1), k_start), total_k) - k_start
     else:
         q_start = b * 0
         k_start = b * 0
@@ -163,27 +170,36 @@ def key_ranges(m0, diag, seqlen_k, win_left, win_right, BLOCK_M: tl.constexpr,
 
 
 @triton.jit
-def load_kv_tile(base, start_n, offs_n, offs_d, seqlen_k, stride_s, BT_row, stride_page,
+def load_kv_tile(base, start_n, offs_n, offs_d, seqlen_k, stride_s, BT_row, stride_page, num_pages,
                  HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
                  PAGED: tl.constexpr, PAGE: tl.constexpr):
-    """Rows ``start_n + offs_n`` of a K or V head as a ``(BLOCK_N, BLOCK_D)`` tile."""
+    """Rows ``start_n + offs_n`` of a K or V head as a ``(BLOCK_N, BLOCK_D)`` tile.
+
+    Paged: a block id outside ``[0, num_pages)`` reads as zeros (the block table's contents are not checked on
+    the device path), so no id makes the load leave the K/V pool. ``num_pages`` is unused otherwise.
+    """
     cols = start_n + offs_n
     if PAGED:
         page = tl.load(BT_row + cols // PAGE, mask=cols < seqlen_k, other=0)
+        page_ok = (page >= 0) & (page < num_pages) & (cols < seqlen_k)
         row = page.to(tl.int64) * stride_page + (cols % PAGE) * stride_s
         ptrs = base + row[:, None] + offs_d[None, :]
+        if EVEN_D:
+            tile = tl.load(ptrs, mask=page_ok[:, None], other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=page_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     else:
         ptrs = base + tl.cast(start_n, tl.int64) * stride_s + offs_n[:, None] * stride_s + offs_d[None, :]
-    if MASKED:
-        if EVEN_D:
-            tile = tl.load(ptrs, mask=cols[:, None] < seqlen_k, other=0.0)
+        if MASKED:
+            if EVEN_D:
+                tile = tl.load(ptrs, mask=cols[:, None] < seqlen_k, other=0.0)
+            else:
+                tile = tl.load(ptrs, mask=(cols[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM), other=0.0)
         else:
-            tile = tl.load(ptrs, mask=(cols[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    else:
-        if EVEN_D:
-            tile = tl.load(ptrs)
-        else:
-            tile = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            if EVEN_D:
+                tile = tl.load(ptrs)
+            else:
+                tile = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
     return tile
 
 
@@ -194,7 +210,7 @@ def load_kv_tile(base, start_n, offs_n, offs_d, seqlen_k, stride_s, BT_row, stri
 
 @triton.jit
 def _fwd_inner(acc, m_i, l_i, q, K_head, V_head, lo, hi, offs_m, offs_n, offs_d, diag, seqlen_k,
-               sks, svs, BT_row, stride_kpage, stride_vpage, qk_scale, cap_in, cap_out, slope2,
+               sks, svs, BT_row, stride_kpage, stride_vpage, num_pages, qk_scale, cap_in, cap_out, slope2,
                win_left, win_right, seed, dropout_p,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                EVEN_D: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -205,7 +221,7 @@ def _fwd_inner(acc, m_i, l_i, q, K_head, V_head, lo, hi, offs_m, offs_n, offs_d,
         if USE_TMA:
             k = K_head.load([start_n, 0])
         else:
-            k = load_kv_tile(K_head, start_n, offs_n, offs_d, seqlen_k, sks, BT_row, stride_kpage,
+            k = load_kv_tile(K_head, start_n, offs_n, offs_d, seqlen_k, sks, BT_row, stride_kpage, num_pages,
                              HEAD_DIM, MASKED, EVEN_D, PAGED, PAGE)
         qk = tl.dot(q, tl.trans(k))
         cols = start_n + offs_n
@@ -232,7 +248,7 @@ def _fwd_inner(acc, m_i, l_i, q, K_head, V_head, lo, hi, offs_m, offs_n, offs_d,
         if USE_TMA:
             v = V_head.load([start_n, 0])
         else:
-            v = load_kv_tile(V_head, start_n, offs_n, offs_d, seqlen_k, svs, BT_row, stride_vpage,
+            v = load_kv_tile(V_head, start_n, offs_n, offs_d, seqlen_k, svs, BT_row, stride_vpage, num_pages,
                              HEAD_DIM, MASKED, EVEN_D, PAGED, PAGE)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
@@ -243,8 +259,8 @@ def _fwd_inner(acc, m_i, l_i, q, K_head, V_head, lo, hi, offs_m, offs_n, offs_d,
 def _fwd_kernel(Q, K, V, Out, LSE, CuQ, CuK, Slopes, Seed, BlockTable,
                 sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh, slb, slh,
                 s_slope_b, s_bt_b, stride_kpage, stride_vpage,
-                seqlen_q, seqlen_k, nheads, group, sm_scale, cap_in, cap_out, dropout_p,
-                win_left, win_right,
+                seqlen_q, seqlen_k, total_q, total_k, num_pages, nheads, group, sm_scale, cap_in, cap_out,
+                dropout_p, win_left, win_right,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
@@ -255,7 +271,7 @@ def _fwd_kernel(Q, K, V, Out, LSE, CuQ, CuK, Slopes, Seed, BlockTable,
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b, h, hk, q_start, k_start, seqlen_q, seqlen_k = seq_bounds(
-        pid_bh, nheads, group, CuQ, CuK, seqlen_q, seqlen_k, IS_VARLEN, PAGED)
+        pid_bh, nheads, group, CuQ, CuK, seqlen_q, seqlen_k, total_q, total_k, IS_VARLEN, PAGED)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen_q:
         return
@@ -301,19 +317,19 @@ def _fwd_kernel(Q, K, V, Out, LSE, CuQ, CuK, Slopes, Seed, BlockTable,
     if HAS_LEFT:
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K_head, V_head, lo, full_lo, offs_m, offs_n,
                                    offs_d, diag, seqlen_k, sks, svs, BT_row, stride_kpage,
-                                   stride_vpage, qk_scale, cap_in, cap_out, slope2, win_left,
+                                   stride_vpage, num_pages, qk_scale, cap_in, cap_out, slope2, win_left,
                                    win_right, seed, dropout_p, HEAD_DIM, BLOCK_N, True, EVEN_D,
                                    HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, HAS_DROPOUT,
                                    PAGED, PAGE, USE_TMA)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K_head, V_head, full_lo, full_hi, offs_m, offs_n,
                                offs_d, diag, seqlen_k, sks, svs, BT_row, stride_kpage,
-                               stride_vpage, qk_scale, cap_in, cap_out, slope2, win_left,
+                               stride_vpage, num_pages, qk_scale, cap_in, cap_out, slope2, win_left,
                                win_right, seed, dropout_p, HEAD_DIM, BLOCK_N, False, EVEN_D,
                                HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, HAS_DROPOUT,
                                PAGED, PAGE, USE_TMA)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K_head, V_head, full_hi, hi, offs_m, offs_n,
                                offs_d, diag, seqlen_k, sks, svs, BT_row, stride_kpage,
-                               stride_vpage, qk_scale, cap_in, cap_out, slope2, win_left,
+                               stride_vpage, num_pages, qk_scale, cap_in, cap_out, slope2, win_left,
                                win_right, seed, dropout_p, HEAD_DIM, BLOCK_N, True, EVEN_D,
                                HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, HAS_DROPOUT,
                                PAGED, PAGE, USE_TMA)
@@ -339,7 +355,7 @@ def _fwd_kernel(Q, K, V, Out, LSE, CuQ, CuK, Slopes, Seed, BlockTable,
 @triton.jit
 def _probs_kernel(Q, K, LSE, P, CuQ, CuK, Slopes, Seed,
                   sqb, sqs, sqh, skb, sks, skh, slb, slh, spb, sph, sps, s_slope_b,
-                  seqlen_q, seqlen_k, nheads, group, sm_scale, cap_in, cap_out, dropout_p,
+                  seqlen_q, seqlen_k, total_q, total_k, nheads, group, sm_scale, cap_in, cap_out, dropout_p,
                   win_left, win_right,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -349,7 +365,7 @@ def _probs_kernel(Q, K, LSE, P, CuQ, CuK, Slopes, Seed,
     pid_n = tl.program_id(1)
     pid_bh = tl.program_id(2)
     b, h, hk, q_start, k_start, seqlen_q, seqlen_k = seq_bounds(
-        pid_bh, nheads, group, CuQ, CuK, seqlen_q, seqlen_k, IS_VARLEN, False)
+        pid_bh, nheads, group, CuQ, CuK, seqlen_q, seqlen_k, total_q, total_k, IS_VARLEN, False)
     m0 = pid_m * BLOCK_M
     n0 = pid_n * BLOCK_N
     if (m0 >= seqlen_q) | (n0 >= seqlen_k):
@@ -364,7 +380,7 @@ def _probs_kernel(Q, K, LSE, P, CuQ, CuK, Slopes, Seed,
     q = tl.load(Q_head + offs_m[:, None] * sqs + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     K_head = K + b.to(tl.int64) * skb + hk * skh + k_start.to(tl.int64) * sks
-    k = load_kv_tile(K_head, n0, offs_n, offs_d, seqlen_k, sks, K_head, 0, HEAD_DIM, True,
+    k = load_kv_tile(K_head, n0, offs_n, offs_d, seqlen_k, sks, K_head, 0, 0, HEAD_DIM, True,
                      False, False, 1)
     slope2 = 0.0
     if HAS_ALIBI:
@@ -669,7 +685,7 @@ def _contiguous_strides(shape) -> tuple[int, ...]:
 
 
 @functools.lru_cache(maxsize=1024)
-def _fwd_plan(varlen, paged, q_shape, q_stride, k_shape, k_stride, v_stride, bt_stride, alibi_stride,
+def _fwd_plan(varlen, paged, q_shape, q_stride, k_shape, k_stride, v_stride, bt_stride, bt_cols, alibi_stride,
               max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_size, softcap, dropout_p):
     """Everything the forward launch derives from metadata alone, cached per argument signature.
 
@@ -692,13 +708,16 @@ def _fwd_plan(varlen, paged, q_shape, q_stride, k_shape, k_stride, v_stride, bt_
     if paged:
         sk, sv = (0, *k_stride[1:3]), (0, *v_stride[1:3])
         pages = (bt_stride, k_stride[0], v_stride[0])
+        # device-side bounds: query rows, keys a block-table row holds, pool size
+        bounds = (q_shape[0], bt_cols * k_shape[1], k_shape[0])
     else:
         sk, sv = bsh(k_stride, varlen), bsh(v_stride, varlen)
         pages = (0, 0, 0)
+        bounds = (q_shape[0], k_shape[0], 0) if varlen else (0, 0, 0)
     s_slope_b = alibi_stride[0] if alibi_stride is not None and len(alibi_stride) == 2 else 0
     ints = (*bsh(q_stride, varlen), *sk, *sv, *bsh(_contiguous_strides(q_shape), varlen),
             *_lse_strides(_contiguous_strides(lse_shape), varlen), s_slope_b, *pages, seqlen_q, seqlen_k,
-            nheads, nheads // nheads_k, *scalars)
+            *bounds, nheads, nheads // nheads_k, *scalars)
     tune_key = (_seqlen_class(seqlen_q), _seqlen_class(seqlen_k))
     return lse_shape, ints, consts, nheads, max(seqlen_q, 0), tune_key
 
@@ -719,7 +738,7 @@ def flash_fwd(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max
     paged = block_table is not None
     lse_shape, ints, consts, nheads, rows, tune_key = _fwd_plan(
         varlen, paged, q.shape, q.stride(), k.shape, k.stride(), v.stride(),
-        block_table.stride(0) if paged else 0,
+        block_table.stride(0) if paged else 0, block_table.shape[1] if paged else 0,
         alibi_slopes.stride() if alibi_slopes is not None else None,
         int(max_seqlen_q) if varlen else 0, int(max_seqlen_k) if varlen else 0,
         float(softmax_scale), bool(causal), tuple(window_size), float(softcap), float(dropout_p))
@@ -776,6 +795,7 @@ def attn_probs(q, k, lse, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, 
         alibi_slopes if alibi_slopes is not None else dummy,
         rng_seed if rng_seed is not None else dummy,
         sqb, sqs, sqh, skb, sks, skh, slb, slh, probs.stride(0), probs.stride(1),
-        probs.stride(2), s_slope_b, max_seqlen_q, max_seqlen_k, nheads, nheads // nheads_k,
+        probs.stride(2), s_slope_b, max_seqlen_q, max_seqlen_k, q.shape[0] if varlen else 0,
+        k.shape[0] if varlen else 0, nheads, nheads // nheads_k,
         *scalars, BLOCK_M=bm, BLOCK_N=bm, **consts)
     return probs
