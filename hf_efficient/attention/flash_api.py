@@ -140,7 +140,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
     Under ``torch.compile`` tracing or CUDA graph capture the contents of cu_seqlens are not
     checked (that needs a device->host sync); elsewhere they are: CPU and inference-mode tensors
-    on every call, other CUDA tensors once until they change in place.
+    on every call, other CUDA tensors once until they change in place (a ``.data`` write is not
+    seen). Unchecked contents cannot make the kernels leave the tensors: each sequence's rows are
+    clamped to q/k/v and block ids outside the pool read as zeros, so bad values give wrong numbers.
     """
     return _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                 softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,

@@ -214,6 +214,32 @@ def test_triton_contiguous_cache_guards():
     assert out[2].abs().max() == 0
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(lens=st.lists(st.integers(-3, 3 * 16 + 40), min_size=1, max_size=4), data=st.data(),
+       head_dim=st.sampled_from([64, 128]), splits=st.sampled_from([1, 3]))
+def test_fuzz_paged_cuda_kernel(lens, data, head_dim, splits):
+    """The CUDA kernel (no host check: the engine's CUDA-graph path) under the same rules as the Triton one."""
+    nb, bs, cols = 7, 16, 3
+    table = [[data.draw(st.one_of(st.integers(0, nb - 1), st.sampled_from(BAD_IDS + (nb, -1))))
+              for _ in range(cols)] for _ in lens]
+    g = torch.Generator().manual_seed(len(lens))
+    k = torch.randn(nb, bs, 2, head_dim, generator=g).to(DT).to(DEV)
+    v = torch.randn(nb, bs, 2, head_dim, generator=g).to(DT).to(DEV)
+    q = torch.randn(len(lens), 1, 4, head_dim, generator=g).to(DT).to(DEV)
+    sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    bt = torch.tensor(table, dtype=torch.int32, device=DEV)
+    with tuning.override(paged_decode_backend="cuda"):
+        out = paged_decode(q, k, v, sl, bt, causal=False, num_splits=splits)
+    torch.cuda.synchronize()
+    k_ext, v_ext = torch.cat([k, torch.zeros_like(k[:1])]), torch.cat([v, torch.zeros_like(v[:1])])
+    t = torch.where((bt >= 0) & (bt < nb), bt, nb)
+    ref, _ = paged_decode_reference(q, k_ext, v_ext, sl.clamp(0, cols * bs), t, window_left=-1, window_right=-1)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Varlen
 # ---------------------------------------------------------------------------------------------
@@ -280,6 +306,7 @@ def test_varlen_backward_any_cu_seqlens():
     assert torch.isfinite(dq).all() and torch.isfinite(dk[:8]).all() and torch.isfinite(dv[:8]).all()
 
 
+@pytest.mark.skipif(CUDA, reason="CPU tensors run the kernels only under the interpreter")
 @pytest.mark.parametrize("how", ["data", "numpy"])
 def test_cpu_cu_seqlens_checked_every_call(how):
     """In-place changes that do not bump the version counter (``.data`` writes, numpy-backed tensors) are seen:
