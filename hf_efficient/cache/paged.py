@@ -20,6 +20,7 @@ what ``generate`` uses for positions; the per-sequence lengths of real tokens ar
 from __future__ import annotations
 
 import math
+import operator
 import weakref
 from dataclasses import dataclass
 
@@ -137,6 +138,10 @@ class PagedCache(Cache):
         num_blocks: int | None = None,
         prompt_group_size: int = 1,
     ):
+        prompt_group_size = _int_arg("prompt_group_size", prompt_group_size)
+        block_size = _int_arg("block_size", block_size)
+        max_tokens = _int_arg("max_tokens", max_tokens, optional=True)
+        num_blocks = _int_arg("num_blocks", num_blocks, optional=True)
         if prompt_group_size < 1:
             raise ValueError(f"prompt_group_size must be >= 1, got {prompt_group_size}")
         self.prompt_group_size = prompt_group_size
@@ -148,6 +153,8 @@ class PagedCache(Cache):
             if max_tokens <= 0:
                 raise ValueError(f"max_tokens must be positive, got {max_tokens}")
             num_blocks = math.ceil(max_tokens / block_size)
+        elif num_blocks <= 0:
+            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
         bad = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")})
@@ -160,6 +167,8 @@ class PagedCache(Cache):
         super().__init__(layers=[PagedLayer(self, i) for i in range(len(layer_types))])
         self.seq_blocks: list[list[int]] = []
         self.seq_lens: list[int] = []
+        # per sequence, the padded positions [start, end) that hold no token of it (padding), in order
+        self.seq_pads: list[list[tuple[int, int]]] = []
         self.padded_len = 0
         self.plan: StepPlan | None = None
         # set by a caller that plans its own steps (the decode engine): attention then runs `plan` as given
@@ -204,21 +213,28 @@ class PagedCache(Cache):
 
     def reset(self) -> None:
         self.allocator.reset()
-        self.seq_blocks, self.seq_lens, self.padded_len, self.plan = [], [], 0, None
+        self.seq_blocks, self.seq_lens, self.seq_pads, self.padded_len, self.plan = [], [], [], 0, None
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Roll back the last tokens of every sequence (rejected speculative tokens); emptied blocks are freed.
+        """Roll back the last positions of the padded batch (rejected speculative tokens), as ``DynamicCache.crop``
+        does; emptied blocks are freed.
 
-        Follows transformers: a negative value removes that many tokens; a positive value is the legacy form,
-        the padded length to keep.
+        Follows transformers: a negative value removes that many positions; a non-negative value is the legacy
+        form, the padded length to keep. Each sequence loses only the tokens it has in the removed positions: a
+        sequence whose tokens end earlier (a right-padded prompt) loses fewer tokens, or none.
         """
+        tokens_to_remove = _int_arg("tokens_to_remove", tokens_to_remove)
         remove = -tokens_to_remove if tokens_to_remove < 0 else self.padded_len - tokens_to_remove
         remove = min(max(remove, 0), self.padded_len)
         if remove == 0:
             return
-        self.padded_len -= remove
+        new_len = self.padded_len - remove
         for i, n in enumerate(self.seq_lens):
-            self._shrink(i, max(0, n - remove))
+            pads = self.seq_pads[i]
+            padding = sum(max(0, end - max(start, new_len)) for start, end in pads)
+            self.seq_pads[i] = [(start, min(end, new_len)) for start, end in pads if start < new_len]
+            self._shrink(i, max(0, n - (remove - padding)))
+        self.padded_len = new_len
         self.plan = None
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
@@ -238,18 +254,27 @@ class PagedCache(Cache):
         The copies share all their blocks; the first write into a shared partial block copies it first
         (copy-on-write), so ``n`` samples of one prompt store the prompt once.
         """
+        n = _int_arg("n", n)
         if n < 1:
             raise ValueError(f"fork needs n >= 1, got {n}")
         self._reindex([i for i in range(self.batch_size) for _ in range(n)])
 
+    def _check_indices(self, indices: list[int]) -> None:
+        bad = [i for i in indices if not 0 <= i < self.batch_size]
+        if bad:
+            raise IndexError(
+                f"sequence index {bad[0] if len(bad) == 1 else bad} out of range for a PagedCache holding "
+                f"{self.batch_size} sequence(s) (valid: 0..{self.batch_size - 1}; negative indices are not accepted)"
+            )
+
     def _reindex(self, order: list[int]) -> None:
-        if any(i < 0 or i >= self.batch_size for i in order):
-            raise IndexError(f"sequence index out of range for a batch of {self.batch_size}: {order}")
+        self._check_indices(order)
         new_blocks = [self.blocks.share(self.seq_blocks[i]) for i in order]
         for blocks in self.seq_blocks:
             self.blocks.release(blocks)
         self.seq_blocks = new_blocks
         self.seq_lens = [self.seq_lens[i] for i in order]
+        self.seq_pads = [list(self.seq_pads[i]) for i in order]
         self.plan = None
 
     def _shrink(self, i: int, keep: int) -> None:
@@ -257,7 +282,12 @@ class PagedCache(Cache):
         self.seq_lens[i] = keep
 
     def free(self, indices: list[int]) -> None:
-        """Remove sequences from the batch and return their blocks."""
+        """Remove sequences from the batch and return their blocks. Raises ``IndexError`` (changing nothing) for an
+        index outside ``0 .. batch_size - 1``."""
+        if isinstance(indices, torch.Tensor):
+            indices = indices.tolist()
+        indices = [_int_arg("indices", i) for i in indices]
+        self._check_indices(indices)
         drop = set(indices)
         self._reindex([i for i in range(self.batch_size) if i not in drop])
 
@@ -304,21 +334,35 @@ class PagedCache(Cache):
     def plan_step(self, q_len: int, q_mask: torch.Tensor | None, device: torch.device) -> StepPlan:
         """Reserve room for one forward step's new tokens; called by the first attention layer of the step.
 
+        A step that fails (``CacheFullError``, a batch of the wrong size) leaves the cache exactly as it was.
+
         Args:
             q_len: padded number of new tokens per sequence.
             q_mask: bool ``(batch, q_len)``, which new tokens are real (``None``: all).
         """
-        batch = q_mask.shape[0] if q_mask is not None else None
         first = not self.seq_lens
-        if first:
-            if batch is None:
+        if not first:
+            return self._plan(q_len, q_mask, device)
+        # The first step fills an empty cache: on any failure, give back what it took and leave the cache empty.
+        padded_len, group = self.padded_len, self.prompt_group_size
+        try:
+            if q_mask is None:
                 raise RuntimeError("the first step into an empty PagedCache needs the batch size")
-            self.seq_blocks = [[] for _ in range(batch)]
-            self.seq_lens = [0] * batch
+            batch = q_mask.shape[0]
+            if group > 1:
+                return self._plan_grouped(q_len, q_mask, device, group)
+            self.seq_blocks, self.seq_lens, self.seq_pads = [[] for _ in range(batch)], [0] * batch, [[] for _ in range(batch)]
+            return self._plan(q_len, q_mask, device)
+        except BaseException:
+            for blocks in self.seq_blocks:
+                self.blocks.release(blocks)
+            self.seq_blocks, self.seq_lens, self.seq_pads = [], [], []
+            self.padded_len, self.prompt_group_size, self.plan = padded_len, group, None
+            raise
+
+    def _plan(self, q_len: int, q_mask: torch.Tensor | None, device: torch.device) -> StepPlan:
+        """Plan a step for the cache's sequences; changes nothing unless it succeeds."""
         batch = self.batch_size
-        group = self.prompt_group_size if first else 1
-        if group > 1:
-            return self._plan_grouped(q_len, q_mask, device, group)
         if q_mask is None:
             n_new = [q_len] * batch
         else:
@@ -327,18 +371,24 @@ class PagedCache(Cache):
             n_new = q_mask.sum(1).tolist()
         lens_before = list(self.seq_lens)
         seqs = list(zip(self.seq_blocks, lens_before))
-        try:
-            self.blocks.grow(seqs, n_new, detail=f"{batch} sequences, {sum(n_new)} new tokens")
-        except CacheFullError:
-            if first:  # the failed step leaves the cache as it was: empty
-                self.seq_blocks, self.seq_lens = [], []
-            raise
+        # atomic: raises CacheFullError before changing anything
+        self.blocks.grow(seqs, n_new, detail=f"{batch} sequences, {sum(n_new)} new tokens")
+        padded = [i for i, k in enumerate(n_new) if k < q_len]
+        if padded:
+            rows = (~q_mask[padded].bool()).to(device="cpu", dtype=torch.int8)
+            edges = torch.diff(rows, dim=1, prepend=rows.new_zeros(len(padded), 1), append=rows.new_zeros(len(padded), 1))
+            for r, i in enumerate(padded):
+                starts = (edges[r] == 1).nonzero().view(-1).tolist()
+                ends = (edges[r] == -1).nonzero().view(-1).tolist()
+                self.seq_pads[i] = self.seq_pads[i] + [
+                    (self.padded_len + a, self.padded_len + b) for a, b in zip(starts, ends)
+                ]
         self.seq_lens = [n + k for n, k in zip(lens_before, n_new)]
         self.padded_len += q_len
         slots = [self.blocks.slots(blocks, n, n + k) for blocks, n, k in zip(self.seq_blocks, lens_before, n_new)]
         write_slots = torch.cat(slots).to(device) if slots else torch.empty(0, dtype=torch.long, device=device)
         q_idx = None
-        if q_mask is not None and not bool(q_mask.all()):
+        if q_mask is not None and padded:
             q_idx = q_mask.reshape(-1).nonzero().view(-1)
         block_table, cache_seqlens = self._tables(device)
         self.plan = StepPlan(q_len, lens_before, n_new, q_idx, write_slots, block_table, cache_seqlens)
@@ -365,7 +415,7 @@ class PagedCache(Cache):
 
     def _plan_grouped(self, q_len: int, q_mask: torch.Tensor, device, group: int) -> StepPlan:
         """First step of a batch made of groups of identical prompts: store each group's prompt once."""
-        batch = self.batch_size
+        batch = q_mask.shape[0]
         if batch % group:
             raise ValueError(f"prompt_group_size={group} does not divide the batch size {batch}")
         grouped = q_mask.view(batch // group, group, q_len)
@@ -373,13 +423,8 @@ class PagedCache(Cache):
             raise ValueError(f"prompt_group_size={group}, but the prompts of a group have different padding")
         leaders = list(range(0, batch, group))
         lead_mask = q_mask[leaders]
-        self.seq_blocks, self.seq_lens = [[] for _ in leaders], [0] * len(leaders)
-        self.prompt_group_size = 1
-        try:
-            plan = self.plan_step(q_len, lead_mask, device)
-        finally:
-            self.prompt_group_size = group
-        lead_plan = plan
+        self.seq_blocks, self.seq_lens, self.seq_pads = [[] for _ in leaders], [0] * len(leaders), [[] for _ in leaders]
+        lead_plan = self._plan(q_len, lead_mask, device)
         self.fork(group)
         n_new = [lead_plan.n_new[i // group] for i in range(batch)]
         # Rows (in the unpadded order of all real new tokens) that belong to leaders: the ones written.
@@ -396,3 +441,16 @@ class PagedCache(Cache):
             write_rows=write_rows, group_check=check,
         )
         return self.plan
+
+
+def _int_arg(name: str, value, optional: bool = False):
+    """``value`` as a Python int (ints and integer-like objects such as numpy ints); a clear ``TypeError`` naming the
+    argument otherwise (floats such as ``64.0`` included)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got a bool ({value})")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})") from None
