@@ -1,8 +1,10 @@
 """The real test model: obtaining the GGUF, the dense cache, the tokenizer, and a sanity answer."""
 
 import json
+import os
 import shutil
 import subprocess
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -187,15 +189,19 @@ def test_dense_cache_reused(monkeypatch, smollm2_path):
     assert marker.stat().st_mtime_ns == stamp
 
 
+def _fake_dense(out_dir, source_sha256):
+    out_dir.mkdir()
+    (out_dir / "config.json").write_text("{}")
+    (out_dir / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+    smollm2_module._write_marker(out_dir, {"source_sha256": source_sha256})
+
+
 def test_dense_build_is_staged_and_stale_dirs_rebuilt(monkeypatch, tmp_path):
     builds = []
 
     def fake_build(gguf, out_dir, source_sha256):
         assert not out_dir.exists() and out_dir.parent.name.startswith(".dense-")  # staged, then renamed
-        out_dir.mkdir()
-        (out_dir / "config.json").write_text("{}")
-        meta = {"format": smollm2_module._DENSE_FORMAT, "source_sha256": source_sha256}
-        (out_dir / "hf_efficient_dense.json").write_text(json.dumps(meta))
+        _fake_dense(out_dir, source_sha256)
         builds.append(gguf)
 
     monkeypatch.setattr(smollm2_module, "_build_dense", fake_build)
@@ -273,3 +279,74 @@ def test_load_bfloat16_keeps_tied_embeddings(smollm2_model_fp32, smollm2_tokeniz
         got = model(ids).logits[0, -1].float()
     assert ref.argmax() == got.argmax()
     assert (got - ref).norm() / ref.norm() < 5e-2
+
+
+def _flip(path, offset=1000):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def _truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 100)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+@pytest.mark.parametrize("large", [False, True])
+def test_damaged_dense_dir_is_rebuilt_with_one_warning(monkeypatch, tmp_path, damage, large):
+    builds = []
+
+    def fake_build(gguf, out_dir, source_sha256):
+        _fake_dense(out_dir, source_sha256)
+        builds.append(out_dir)
+
+    monkeypatch.setattr(smollm2_module, "_build_dense", fake_build)
+    if large:  # the real model's size class: checksummed only when size or mtime changed
+        monkeypatch.setattr(smollm2_module, "_CRC_ALWAYS_BYTES", 0)
+    dest, source = tmp_path / "dense", lambda: tmp_path / "model.gguf"
+    smollm2_module._ensure_dense(dest, "abc", source)
+    weights = dest / "model.safetensors"
+    good = weights.read_bytes()
+    {"flip": _flip, "truncate": _truncate, "delete": lambda p: p.unlink()}[damage](weights)
+    with pytest.warns(RuntimeWarning, match="damaged") as record:
+        smollm2_module._ensure_dense(dest, "abc", source)
+    assert len([w for w in record if "damaged" in str(w.message)]) == 1 and len(builds) == 2
+    assert weights.read_bytes() == good
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        smollm2_module._ensure_dense(dest, "abc", source)  # intact again: no warning, no rebuild
+    assert len(builds) == 2
+
+
+def test_touched_but_intact_dense_dir_is_not_rebuilt(monkeypatch, tmp_path):
+    monkeypatch.setattr(smollm2_module, "_build_dense", lambda g, out, sha: _fake_dense(out, sha))
+    monkeypatch.setattr(smollm2_module, "_CRC_ALWAYS_BYTES", 0)
+    dest = tmp_path / "dense"
+    smollm2_module._ensure_dense(dest, "abc", lambda: tmp_path / "model.gguf")
+    os.utime(dest / "model.safetensors", ns=(1, 1))  # copied or touched: re-checksummed, still matches
+    monkeypatch.setattr(smollm2_module, "_build_dense", lambda *a: pytest.fail("must not rebuild"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert smollm2_module._ensure_dense(dest, "abc", lambda: tmp_path / "model.gguf") == dest
+
+
+@pytest.mark.slow
+def test_flipped_bytes_in_real_dense_cache_rebuild_it(smollm2_path, smollm2_gguf, tmp_path, tune):
+    """A copy of the real cache with one flipped byte in model.safetensors is rebuilt, with one warning, into the
+    same weights."""
+    tune(cache=str(tmp_path / "cache"), smollm2_gguf=str(smollm2_gguf))
+    copy = tmp_path / "cache" / "smollm2" / smollm2_path.name
+    shutil.copytree(smollm2_path, copy)  # copy2 keeps mtimes: the copy verifies without being read
+    assert smollm2_dense_path() == copy
+    weights = copy / "model.safetensors"
+    _flip(weights, offset=weights.stat().st_size // 2)
+    with pytest.warns(RuntimeWarning, match="damaged") as record:
+        assert smollm2_dense_path() == copy
+    assert len([w for w in record if "damaged" in str(w.message)]) == 1
+    with safe_open(str(weights), "pt") as got, safe_open(str(smollm2_path / "model.safetensors"), "pt") as want:
+        assert set(got.keys()) == set(want.keys())
+        for key in want.keys():
+            assert torch.equal(got.get_tensor(key), want.get_tensor(key)), key
